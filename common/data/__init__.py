@@ -1,0 +1,1 @@
+"""Dataset readers for the public layouts, synthetic generators writing those layouts, and I/O helpers."""

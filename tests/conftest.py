@@ -1,0 +1,60 @@
+"""Test configuration shared by the whole suite.
+
+``TRITON_INTERPRET=1`` must be in the environment before ``triton`` is imported anywhere,
+so the Triton kernels of ``common.ops`` run on the CPU through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    # slow tests run by default (CI runs everything); `-m "not slow"` gives a quick pass
+    for item in items:
+        if "triton" in item.keywords:
+            item.add_marker(pytest.mark.timeout(600))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A session-wide folder for synthetic datasets, so generators run once per test session."""
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture
+def seeded():
+    """Seed torch, numpy and random for a test; returns the seed."""
+    from monai.utils import set_determinism
+
+    set_determinism(seed=0)
+    yield 0
+    set_determinism(seed=None)
+
+
+def has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def which(cmd: str) -> str | None:
+    return shutil.which(cmd)

@@ -1,0 +1,1 @@
+"""Command-line programs: synthetic data, benchmarks, PACS batch inference, MONAI Label app."""
