@@ -1,0 +1,1 @@
+"""Evaluation metrics, kept apart from the networks."""

@@ -1,0 +1,1 @@
+"""Accelerated ops: batched Sinkhorn optimal transport and multi-scale cost volumes (PyTorch + Triton)."""
