@@ -1,1 +1,4 @@
-"""MONAI/ignite workflows the plain SupervisedTrainer cannot express (paired frames, unpaired modalities, two-network registration, point tracking)."""
+"""MONAI/ignite workflows that the plain SupervisedTrainer cannot express.
+
+Paired frames, unpaired two-modality batches, alternating two-network registration and point tracking.
+"""
