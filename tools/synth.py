@@ -49,9 +49,9 @@ def _write(kind: str, out: str, patients: int | None, seed: int, **kwargs: Any) 
     if unknown:
         raise ValueError(f"{kind}: unknown option(s) {unknown}; the generator accepts {sorted(params)}")
     t0 = time.time()
-    root = writer(Path(out), seed=seed, progress=True, **args)
-    print(f"wrote synthetic {kind} dataset to {root} in {time.time() - t0:.1f} s")
-    return str(root)
+    writer(Path(out), seed=seed, progress=True, **args)
+    print(f"wrote synthetic {kind} dataset to {out} in {time.time() - t0:.1f} s")
+    return str(out)
 
 
 def echo(out: str, layout: str = "camus", patients: int | None = None, seed: int = 0, **kwargs: Any) -> str:

@@ -1,0 +1,339 @@
+"""Readers for the abdominal CT/MRI layouts: BTCV (NIfTI) and CHAOS T2-SPIR MRI (DICOM series + PNG ground truth).
+
+BTCV: ``img/img0001.nii.gz`` + ``label/label0001.nii.gz`` (found in the given folder or its ``Training/`` or
+``RawData/Training/``), codes 1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder, 5 esophagus, 6 liver,
+7 stomach, 8 aorta, 9 IVC, 10 portal/splenic veins, 11 pancreas, 12/13 right/left adrenal.
+
+CHAOS: ``MR/<id>/T2SPIR/DICOM_anon/*.dcm`` + ``MR/<id>/T2SPIR/Ground/*.png`` (found in the given folder or its
+``Train_Sets/`` or ``CHAOS_Train_Sets/Train_Sets/``); PNG values 63 liver, 126 right kidney, 189 left kidney,
+252 spleen (the challenge's ranges 55-70, 110-135, 175-200, 240-255 are accepted). Slices are ordered by their
+position along the slice normal, not by file name; each PNG belongs to the DICOM file of the same stem.
+
+Both map to one contiguous id set so CT and MR train one network: 0 background, then ``ABDOMEN_STRUCTURES`` order
+(1 liver, 2 right kidney, 3 left kidney, 4 spleen). CHAOS cases are converted once to NIfTI in a cache folder so
+MONAI's ``LoadImaged`` can read them; the dataset folder is never written to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from common.data.acdc import nifti_header, select_split
+from common.data.io import DataError, ImageData, read_image, write_nifti
+
+__all__ = [
+    "BTCV_CODES",
+    "CHAOS_CODES",
+    "CHAOS_RANGES",
+    "ABDOMEN_STRUCTURES",
+    "DICOM_REQUIRED_TAGS",
+    "btcv_label_mapping",
+    "remap_btcv_labels",
+    "remap_chaos_labels",
+    "read_dicom_series",
+    "load_chaos_case",
+    "find_btcv_cases",
+    "find_chaos_cases",
+    "btcv_datalist",
+    "chaos_datalist",
+]
+
+BTCV_CODES = {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "gallbladder": 4, "esophagus": 5, "liver": 6,
+              "stomach": 7, "aorta": 8, "ivc": 9, "portal_splenic_veins": 10, "pancreas": 11, "right_adrenal": 12,
+              "left_adrenal": 13}
+CHAOS_CODES = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252}
+CHAOS_RANGES = {"liver": (55, 70), "right_kidney": (110, 135), "left_kidney": (175, 200), "spleen": (240, 255)}
+ABDOMEN_STRUCTURES = ("liver", "right_kidney", "left_kidney", "spleen")
+DICOM_REQUIRED_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+                       "PixelData")
+
+
+def _check_structures(structures: Sequence[str], known: dict) -> None:
+    for s in structures:
+        if s not in known:
+            raise ValueError(f"unknown structure {s!r}; choose from {sorted(known)}")
+    if len(set(structures)) != len(structures):
+        raise ValueError(f"structures repeat: {list(structures)}")
+
+
+def btcv_label_mapping(structures: Sequence[str] = ABDOMEN_STRUCTURES) -> tuple[list[int], list[int]]:
+    """``(orig_codes, target_ids)`` over all 13 BTCV codes for MONAI ``MapLabelValued``; unlisted organs -> 0."""
+    _check_structures(structures, BTCV_CODES)
+    ids = {s: i + 1 for i, s in enumerate(structures)}
+    return list(BTCV_CODES.values()), [ids.get(s, 0) for s in BTCV_CODES]
+
+
+def remap_btcv_labels(array: np.ndarray, structures: Sequence[str] = ABDOMEN_STRUCTURES) -> np.ndarray:
+    """BTCV codes -> contiguous uint8 ids (``structures`` 1..K in order, everything else 0), same shape."""
+    a = np.rint(np.asarray(array)).astype(np.int64)
+    out = np.zeros(a.shape, dtype=np.uint8)
+    for code, tid in zip(*btcv_label_mapping(structures)):
+        if tid:
+            out[a == code] = tid
+    return out
+
+
+def remap_chaos_labels(array: np.ndarray, structures: Sequence[str] = ABDOMEN_STRUCTURES) -> np.ndarray:
+    """CHAOS PNG grey values -> contiguous uint8 ids by the challenge's value ranges (others 0), same shape."""
+    _check_structures(structures, CHAOS_CODES)
+    a = np.asarray(array)
+    out = np.zeros(a.shape, dtype=np.uint8)
+    for i, s in enumerate(structures):
+        lo, hi = CHAOS_RANGES[s]
+        out[(a >= lo) & (a <= hi)] = i + 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DICOM
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: DICOM folder not found")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".dcm", ""))
+    if not files:
+        raise DataError(f"{folder}: no DICOM files (*.dcm)")
+    return files
+
+
+def read_dicom_series(folder: str | Path) -> ImageData:
+    """Read one DICOM series into ``(X, Y, Z)`` float32 (columns, rows, slices) with rescale applied.
+
+    Slices are sorted by ``ImagePositionPatient`` along the normal of ``ImageOrientationPatient`` (file names and
+    instance numbers are not trusted); the slice spacing comes from the positions. ``affine`` is the RAS voxel ->
+    world matrix; ``spacing`` is (column spacing, row spacing, slice spacing); ``meta["files"]`` lists the files in
+    slice order. Raises ``DataError`` naming the file for unreadable files, a missing required tag
+    (:data:`DICOM_REQUIRED_TAGS`), mixed series or geometry, and duplicate or uneven slice positions.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    folder = Path(folder)
+    slices = []
+    for f in _dicom_files(folder):
+        try:
+            ds = pydicom.dcmread(str(f))
+        except InvalidDicomError as e:
+            raise DataError(f"{f}: not a DICOM file ({e})") from e
+        except Exception as e:  # truncated files surface as assorted errors
+            raise DataError(f"{f}: cannot read DICOM ({type(e).__name__}: {e})") from e
+        for tag in DICOM_REQUIRED_TAGS:
+            if tag not in ds or ds[tag].value in (None, b"", ""):
+                raise DataError(f"{f}: missing required DICOM tag {tag}")
+        slices.append((f, ds))
+    f0, ds0 = slices[0]
+    iop = np.asarray([float(v) for v in ds0.ImageOrientationPatient], dtype=np.float64)
+    if iop.shape != (6,):
+        raise DataError(f"{f0}: ImageOrientationPatient must have 6 values, has {iop.size}")
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    ps = [float(v) for v in ds0.PixelSpacing]
+    series = getattr(ds0, "SeriesInstanceUID", None)
+    pos = []
+    for f, ds in slices:
+        if getattr(ds, "SeriesInstanceUID", None) != series:
+            raise DataError(f"{f}: belongs to another series than {f0.name} (one series per folder)")
+        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4):
+            raise DataError(f"{f}: ImageOrientationPatient differs from {f0.name}")
+        if (int(ds.Rows), int(ds.Columns)) != (int(ds0.Rows), int(ds0.Columns)):
+            raise DataError(f"{f}: size {ds.Rows}x{ds.Columns} differs from {f0.name}")
+        if not np.allclose([float(v) for v in ds.PixelSpacing], ps, rtol=1e-4):
+            raise DataError(f"{f}: PixelSpacing differs from {f0.name}")
+        pos.append(float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)))
+    order = np.argsort(pos, kind="stable")
+    pos_sorted = np.asarray(pos)[order]
+    if len(slices) > 1:
+        gaps = np.diff(pos_sorted)
+        if (gaps < 1e-3).any():
+            i = int(np.argmin(gaps))
+            raise DataError(f"{slices[order[i + 1]][0]}: same slice position as {slices[order[i]][0].name}")
+        dz = float(np.median(gaps))
+        if np.abs(gaps - dz).max() > 0.05 * dz:
+            raise DataError(f"{folder}: uneven slice spacing {np.round(gaps, 3).tolist()} (missing slices?)")
+    else:
+        dz = float(getattr(ds0, "SliceThickness", 1.0) or 1.0)
+    planes = []
+    for i in order:
+        f, ds = slices[i]
+        try:
+            arr = ds.pixel_array.astype(np.float32)
+        except Exception as e:  # pixel decoding errors depend on the transfer syntax handler
+            raise DataError(f"{f}: cannot decode pixel data ({type(e).__name__}: {e})") from e
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        inter = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        planes.append((arr * slope + inter).T)
+    vol = np.stack(planes, -1)
+    aff = np.eye(4)
+    aff[:3, 0] = row_dir * ps[1]
+    aff[:3, 1] = col_dir * ps[0]
+    aff[:3, 2] = normal * dz
+    aff[:3, 3] = [float(v) for v in slices[order[0]][1].ImagePositionPatient]
+    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff  # DICOM's LPS world -> NIfTI's RAS
+    meta = {"files": [str(slices[i][0]) for i in order], "modality": str(getattr(ds0, "Modality", "")),
+            "series_description": str(getattr(ds0, "SeriesDescription", ""))}
+    return ImageData(vol, (ps[1], ps[0], dz), aff, meta)
+
+
+def load_chaos_case(case_dir: str | Path,
+                    structures: Sequence[str] = ABDOMEN_STRUCTURES) -> tuple[ImageData, ImageData]:
+    """One CHAOS T2-SPIR case: ``(image (X, Y, Z) float32, label (X, Y, Z) uint8 contiguous ids)``, same geometry.
+
+    ``case_dir`` is ``MR/<id>`` (or its ``T2SPIR`` folder). PNGs are matched to DICOM files by file stem; when the
+    stems differ but the counts agree they are paired in file-name order (the challenge's convention).
+    """
+    case_dir = Path(case_dir)
+    t2 = case_dir if case_dir.name == "T2SPIR" else case_dir / "T2SPIR"
+    img = read_dicom_series(t2 / "DICOM_anon")
+    ground = t2 / "Ground"
+    if not ground.is_dir():
+        raise FileNotFoundError(f"{ground}: CHAOS ground-truth folder not found")
+    pngs = sorted(p for p in ground.iterdir() if p.suffix.lower() == ".png")
+    if not pngs:
+        raise DataError(f"{ground}: no ground-truth PNG files")
+    by_stem = {p.stem: p for p in pngs}
+    files = [Path(f) for f in img.meta["files"]]
+    if all(f.stem in by_stem for f in files):
+        matched = [by_stem[f.stem] for f in files]
+    elif len(pngs) == len(files):
+        name_order = sorted(files, key=lambda f: f.name)
+        pair = dict(zip(name_order, pngs))
+        matched = [pair[f] for f in files]
+    else:
+        raise DataError(f"{ground}: {len(pngs)} PNG files for {len(files)} DICOM slices and stems do not match")
+    planes = []
+    for f, p in zip(files, matched):
+        a = read_image(p).array
+        if a.ndim != 2 or a.shape != img.array.shape[1::-1]:
+            raise DataError(f"{p}: mask shape {a.shape} does not match DICOM slice {f.name} "
+                            f"({img.array.shape[1]}x{img.array.shape[0]})")
+        planes.append(remap_chaos_labels(a, structures).T)
+    lab = ImageData(np.stack(planes, -1), img.spacing, img.affine.copy(), {"files": [str(p) for p in matched]})
+    return img, lab
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layouts
+
+_BTCV_IMG = re.compile(r"^img(?P<id>\d+)\.nii(\.gz)?$")
+
+
+def find_btcv_cases(root: str | Path) -> list[tuple[str, Path, Path]]:
+    """``(name, image, label)`` of every BTCV training case, sorted by id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: BTCV folder not found")
+    for base in (root, root / "Training", root / "RawData" / "Training", root / "Abdomen" / "RawData" / "Training"):
+        if (base / "img").is_dir():
+            break
+    else:
+        raise DataError(f"{root}: no BTCV img/ folder (looked in ., Training/, RawData/Training/)")
+    out = []
+    for p in sorted((base / "img").iterdir()):
+        m = _BTCV_IMG.match(p.name)
+        if not m:
+            continue
+        lab = base / "label" / p.name.replace("img", "label", 1)
+        if not lab.is_file():
+            raise FileNotFoundError(f"{lab}: label file not found for {p.name}")
+        out.append((f"btcv_{m['id']}", p, lab))
+    if not out:
+        raise DataError(f"{base / 'img'}: no imgNNNN.nii.gz files")
+    return out
+
+
+def find_chaos_cases(root: str | Path) -> list[tuple[str, Path]]:
+    """``(name, case_dir)`` of every CHAOS MR case with a T2SPIR series, sorted by numeric id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: CHAOS folder not found")
+    cands = [root / "MR", root / "Train_Sets" / "MR", root / "CHAOS_Train_Sets" / "Train_Sets" / "MR"]
+    if root.name == "MR":
+        cands.insert(0, root)
+    mr = next((c for c in cands if c.is_dir()), None)
+    if mr is None:
+        raise DataError(f"{root}: no CHAOS MR/ folder (looked in ., Train_Sets/, CHAOS_Train_Sets/Train_Sets/)")
+    cases = sorted((d for d in mr.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+    if not cases:
+        raise DataError(f"{mr}: no case folders (MR/<id>/T2SPIR)")
+    for d in cases:
+        for sub in ("DICOM_anon", "Ground"):
+            if not (d / "T2SPIR" / sub).is_dir():
+                raise FileNotFoundError(f"{d / 'T2SPIR' / sub}: folder not found")
+    return [(f"chaos_{int(d.name)}", d) for d in cases]
+
+
+def btcv_datalist(root: str | Path, split: str | None = None, fractions: Sequence[float] = (0.7, 0.1, 0.2),
+                  seed: int = 0, verify: bool = False) -> list[dict]:
+    """MONAI datalist ``[{image, label, patient, spacing}]`` of BTCV CT (labels keep BTCV codes on disk).
+
+    Remap with :func:`remap_btcv_labels` or ``MapLabelValued`` fed by :func:`btcv_label_mapping`.
+    """
+    entries = []
+    for name, img, lab in find_btcv_cases(root):
+        shape, spacing = nifti_header(img)
+        lshape, _ = nifti_header(lab)
+        if lshape[:3] != shape[:3]:
+            raise DataError(f"{lab}: label shape {lshape} does not match image {img.name} shape {shape}")
+        entries.append({"image": str(img), "label": str(lab), "patient": name,
+                        "spacing": [float(s) for s in spacing[:3]]})
+    entries = select_split(entries, split, fractions, seed)
+    if verify:
+        for e in entries:
+            read_image(e["image"])
+            read_image(e["label"])
+    return entries
+
+
+def _default_cache(root: Path, structures: Sequence[str]) -> Path:
+    key = hashlib.sha1(f"{root.resolve()}|{','.join(structures)}".encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "cardiac-bundles-chaos" / key
+
+
+def _newest_mtime(folder: Path) -> float:
+    return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0)
+
+
+def chaos_datalist(root: str | Path, split: str | None = None, fractions: Sequence[float] = (0.7, 0.1, 0.2),
+                   seed: int = 0, cache_dir: str | Path | None = None,
+                   structures: Sequence[str] = ABDOMEN_STRUCTURES) -> list[dict]:
+    """MONAI datalist ``[{image, label, patient, spacing, dicom_dir, ground_dir}]`` of CHAOS T2-SPIR MRI.
+
+    Each selected case is read (:func:`load_chaos_case`) and written as NIfTI (image float32, label uint8 with
+    contiguous ids) into ``cache_dir`` (default: a per-root folder under the system temp dir); a cached case is
+    reused while it is newer than every file of the case. Writes are atomic (temp file + rename).
+    """
+    _check_structures(structures, CHAOS_CODES)
+    root = Path(root)
+    cases = find_chaos_cases(root)
+    entries = [{"patient": name, "dicom_dir": str(d / "T2SPIR" / "DICOM_anon"), "ground_dir": str(d / "T2SPIR" /
+                                                                                                  "Ground"),
+                "case_dir": d} for name, d in cases]
+    entries = select_split(entries, split, fractions, seed)
+    cache = Path(cache_dir) if cache_dir is not None else _default_cache(root, structures)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = []
+    for e in entries:
+        d = e.pop("case_dir")
+        ip, lp = cache / f"{e['patient']}_image.nii.gz", cache / f"{e['patient']}_label.nii.gz"
+        fresh = ip.is_file() and lp.is_file() and min(ip.stat().st_mtime, lp.stat().st_mtime) > _newest_mtime(
+            d / "T2SPIR")
+        if fresh:
+            _, spacing = nifti_header(ip)
+        else:
+            img, lab = load_chaos_case(d, structures)
+            for path, arr in ((ip, img.array.astype(np.float32)), (lp, lab.array)):
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+                write_nifti(tmp, arr, img.affine)
+                os.replace(tmp, path)
+            spacing = img.spacing
+        out.append({"image": str(ip), "label": str(lp), **e, "spacing": [float(s) for s in spacing[:3]]})
+    return out
