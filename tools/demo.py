@@ -10,7 +10,6 @@ of ``train.json``, then ``evaluate.json`` and ``inference.json`` are run with th
 from __future__ import annotations
 
 import importlib
-import json
 import subprocess
 import sys
 import time
@@ -63,17 +62,15 @@ def _bundle_step(name: str) -> Callable[[Path], list[str]]:
         demo = configs / "demo.json"
         if not demo.is_file():
             return [f"NOT BUILT YET: bundle {name}"]
-        overrides = json.loads(demo.read_text()).get("_demo_cli_", {})
         base = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(REPO_ROOT / "bundles" / name),
                 "--output_dir", str(out)]
-        extra = [f"--{k}={v}" for k, v in overrides.items()]
         stages = [("train", ["train.json", "demo.json"]), ("evaluate", ["train.json", "evaluate.json", "demo.json"]),
                   ("inference", ["inference.json", "demo.json"])]
         results = []
         for stage, files in stages:
             cfg = "[" + ",".join(f"'{configs / f}'" for f in files) + "]"
             print(f"   - {name}: {stage}", flush=True)
-            proc = subprocess.run(base + ["--config_file", cfg] + extra, cwd=REPO_ROOT)
+            proc = subprocess.run(base + ["--config_file", cfg], cwd=REPO_ROOT)
             if proc.returncode != 0:
                 results.append(f"FAILED: {name} {stage} (exit {proc.returncode}); see the log above")
                 return results
