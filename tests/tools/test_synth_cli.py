@@ -47,3 +47,21 @@ def test_default_dataset_is_generated_once_and_user_folders_are_checked(tmp_path
     (tmp_path / "half").mkdir()
     with pytest.raises(FileExistsError, match="half"):
         generate_dataset("registration", tmp_path / "half")
+
+
+def test_cli_echo_layouts_and_preview(tmp_path, repo_root):
+    from common.data.camus import camus_datalist
+    from common.data.ted import ted_datalist
+
+    proc = _synth("echo", "--layout", "camus_mhd", "--out", str(tmp_path / "camus"), "--patients", "2",
+                  "--image_size", "[96,96]", "--n_frames", "6", cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr
+    assert {d["view"] for d in camus_datalist(tmp_path / "camus")} == {"2CH", "4CH"}
+    proc = _synth("echo", "--layout", "ted", "--out", str(tmp_path / "ted"), "--patients", "1",
+                  "--image_size", "[96,96]", "--n_frames", "6", cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr
+    assert len(ted_datalist(tmp_path / "ted")) == 1
+    png = tmp_path / "preview.png"
+    proc = _synth("preview", "--out", str(png), "--n_frames", "6", cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
