@@ -20,6 +20,15 @@ import pytest  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # Synthetic defaults that bundles generate on first use go to a per-run folder, never the user's cache.
+    # Set in the controller before xdist workers start, so all workers share (and lock) one folder.
+    if "CARDIAC_DATA_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["CARDIAC_DATA_DIR"] = tempfile.mkdtemp(prefix="cardiac-test-data-")
+
+
 def pytest_collection_modifyitems(config, items):
     # slow tests run by default (CI runs everything); `-m "not slow"` gives a quick pass
     for item in items:
