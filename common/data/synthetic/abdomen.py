@@ -39,6 +39,7 @@ from common.data.synthetic.anatomy3d import (
     t2spir_table,
     tissue_lookup,
 )
+from common.plotting import save_figure
 
 __all__ = [
     "btcv_label_lut",
@@ -284,9 +285,4 @@ def plot_abdomen(root: str | Path, out_png: str | Path) -> Path:
                     ax.contour((lab[:, :, z] == k).T.astype(float), [0.5], colors=col, linewidths=0.8)
             ax.set_title(f"{title} z{z} ({', '.join(ABDOMEN_STRUCTURES)})", fontsize=6)
             ax.axis("off")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

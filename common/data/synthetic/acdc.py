@@ -38,6 +38,7 @@ from common.data.synthetic.anatomy3d import (
     rician_noise,
     tissue_lookup,
 )
+from common.plotting import save_figure
 
 __all__ = [
     "ACDC_LABELS",
@@ -329,9 +330,4 @@ def plot_acdc(patient_dir: str | Path, out_png: str | Path, n_slices: int = 3) -
                     ax.contour((lab[:, :, k] == v).T.astype(float), [0.5], colors=col, linewidths=0.8)
             ax.set_title(f"{pat['patient']} {key.upper()} (frame {pat[key]}) z{k}", fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

@@ -36,6 +36,7 @@ from common.data.synthetic.anatomy3d import (
     rotation_matrix,
     tissue_lookup,
 )
+from common.plotting import save_figure
 
 __all__ = ["mmwhs_label_lut", "simulate_mmwhs_volume", "write_mmwhs", "plot_mmwhs"]
 
@@ -147,9 +148,4 @@ def plot_mmwhs(root: str | Path, out_png: str | Path, n_cases: int = 2) -> Path:
                     ax.contour((lb == code).astype(float), [0.5], colors=[cmap(k)], linewidths=0.8)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

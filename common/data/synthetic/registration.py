@@ -44,6 +44,7 @@ from common.data.synthetic.anatomy3d import (
     rician_noise,
     tissue_lookup,
 )
+from common.plotting import save_figure
 
 __all__ = [
     "PAIR_MODALITIES",
@@ -340,9 +341,4 @@ def plot_registration_pairs(root: str | Path, out_png: str | Path, n: int = 4) -
                 ax.contour(lost.T.astype(float), [0.5], colors="red", linewidths=0.8)
             ax.set_title(f"{e['pair']} {title}", fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
