@@ -1,0 +1,462 @@
+"""ED -> ES registration pairs for AdaCS (``METHODS.md`` §3): one datalist over three layouts, loaders, inference input.
+
+Layouts (:func:`detect_pair_layout` tells them apart; real downloads load unchanged):
+
+* ``"acdc"`` — the ACDC cine-MRI layout (:mod:`common.data.acdc`, official ``training/``/``testing/`` folders or a
+  flat folder of ``patientNNN``): **one pair per short-axis slice** whose ED and ES labels both contain myocardium
+  (label 2), like the paper's slice-by-slice pairs. Each slice pair is cropped to ``spatial_size`` (128x128) around
+  the centroid of the ED myocardium of that slice, at the native pixel size (the paper's centre crop); parts of the
+  window outside the image are filled with the image minimum.
+* ``"camus"`` — the CAMUS echo layout (:mod:`common.data.camus`, either release): one pair per patient and view
+  (ED -> ES), images and masks **resized** to ``spatial_size`` (bilinear with antialiasing; masks resized as floats
+  and thresholded at 0.5), myocardium = label 2.
+* ``"pairs"`` — this repository's registration-pair layout (:mod:`common.data.registration`, synthetic pairs with
+  ``lost`` maps): used as is when already ``spatial_size``, else resized like CAMUS; the ``lost`` map is carried.
+
+Every image is min-max normalised to [0, 1] after cropping/resizing. :class:`LoadRegistrationPaird` turns a datalist
+entry into ``image`` ``(2, H, W)`` (channel 0 source = ED, channel 1 target = ES), ``label`` ``(2, H, W)`` (binary
+myocardium of source and target) and, for the ``pairs`` layout, ``lost`` ``(1, H, W)``. Arrays keep the reader's axis
+order (NIfTI ``(X, Y)``, CAMUS ``(H, W)`` apex at the top); displacements live in that order.
+
+Splits (patient level): ACDC official folders: ``testing/`` is the test set and ``training/`` is split 80:20 into
+train/val (the paper's 80/20/50 patients); flat ACDC folders: 80:20:50 of all patients; CAMUS: the CAMUS reader's
+rules with 20 % val and 20 % test (the paper's 300/100/100); pairs: 60:20:20 of the pairs. All seeded.
+
+Inference input (:func:`inference_pairs`, :class:`LoadInferencePaird`): one source/target pair of 2D images (NIfTI,
+MetaImage, DICOM or PNG) or a folder of pairs named ``<name>_source.<ext>`` / ``<name>_target.<ext>`` with an
+optional ``<name>_source_mask.<ext>`` (or ``_source_myo``) myocardium mask. Images are min-max normalised and resized
+to ``spatial_size`` for the network; the writer maps the displacement back onto the input grid.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import Transform
+
+from common.data.acdc import acdc_datalist, find_acdc_patients
+from common.data.camus import camus_datalist, find_camus_patients, load_echo_frame
+from common.data.io import DataError, check_finite, read_image
+from common.data.registration import registration_pairs_datalist
+
+__all__ = [
+    "PAIR_LAYOUTS",
+    "MYO_LABELS",
+    "IMAGE_SUFFIXES",
+    "detect_pair_layout",
+    "pair_datalist",
+    "min_max_normalise",
+    "crop_around",
+    "resize_2d",
+    "read_pair_image",
+    "LoadRegistrationPaird",
+    "inference_pairs",
+    "LoadInferencePaird",
+]
+
+PAIR_LAYOUTS = ("acdc", "camus", "pairs")
+MYO_LABELS = {"acdc": 2, "camus": 2, "pairs": 1}
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+ACDC_OFFICIAL_FRACTIONS = (80, 20)  # train/val of the 100 training patients (paper: 80/20, test = testing/)
+ACDC_FLAT_FRACTIONS = (80, 20, 50)  # the paper's proportions when the folder has no official split
+PAIRS_FRACTIONS = (0.6, 0.2, 0.2)
+CAMUS_VAL_TEST = (0.2, 0.2)  # paper: 300/100/100 of 500 patients
+
+
+# --------------------------------------------------------------------------------------------------- layouts
+def _dataset_root(root: str | Path) -> Path:
+    """The folder itself, or its ``CAMUS_public`` subfolder (how the CAMUS NIfTI release unpacks)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    return root / "CAMUS_public" if (root / "CAMUS_public").is_dir() else root
+
+
+def detect_pair_layout(root: str | Path) -> str:
+    """``"acdc"``, ``"camus"`` or ``"pairs"`` for a dataset folder; ``DataError`` naming the folder otherwise."""
+    root = _dataset_root(root)
+    # any source image of the pair layout decides it; an incomplete pair is then reported by the datalist
+    if any((root / "pairs").glob("*_source.nii*")) or any(root.glob("pair*_source.nii*")):
+        return "pairs"
+    # ACDC and CAMUS both name folders patientNNN...: the config files inside tell them apart
+    for finder, layout, marker in ((find_acdc_patients, "acdc", "Info.cfg"), (find_camus_patients, "camus", None)):
+        try:
+            found = finder(root)
+        except (DataError, FileNotFoundError):
+            continue
+        dirs = [d for v in found.values() for d in v] if isinstance(found, dict) else [p for _, p, _ in found]
+        if not dirs:
+            continue
+        first = dirs[0]
+        if marker is not None and (first / marker).is_file():
+            return layout
+        if marker is None and any(first.glob("Info_*.cfg")):
+            return layout
+    raise DataError(
+        f"{root}: not a registration dataset; expected the ACDC layout (patientNNN/Info.cfg), the CAMUS layout "
+        f"(patientNNNN/Info_2CH.cfg) or registration pairs (pairs/pairNNNN_source.nii.gz)"
+    )
+
+
+def _acdc_entries(root: Path, split: str | None, seed: int, slices: str) -> list[dict]:
+    found = find_acdc_patients(root)
+    fractions = ACDC_FLAT_FRACTIONS if "all" in found else ACDC_OFFICIAL_FRACTIONS
+    out = []
+    for p in acdc_datalist(root, split=split, fractions=fractions, seed=seed):
+        lab_ed = read_image(p["label_ed"]).array
+        lab_es = read_image(p["label_es"]).array
+        if lab_ed.ndim == 2:
+            lab_ed, lab_es = lab_ed[..., None], lab_es[..., None]
+        myo = MYO_LABELS["acdc"]
+        valid = [z for z in range(lab_ed.shape[2]) if (lab_ed[..., z] == myo).any() and (lab_es[..., z] == myo).any()]
+        if slices == "mid" and valid:
+            valid = [valid[len(valid) // 2]]
+        for z in valid:
+            out.append({"name": f"{p['patient']}_slice{z:02d}", "layout": "acdc", "patient": p["patient"],
+                        "source": p["image_ed"], "target": p["image_es"], "source_label": p["label_ed"],
+                        "target_label": p["label_es"], "slice": z})
+    return out
+
+
+def _camus_entries(root: Path, split: str | None, seed: int) -> list[dict]:
+    val, test = CAMUS_VAL_TEST
+    out = []
+    for e in camus_datalist(root, split=split, val_fraction=val, test_fraction=test, seed=seed, sequences=False):
+        out.append({"name": f"{e['patient'].replace('/', '_')}_{e['view']}", "layout": "camus",
+                    "patient": e["patient"], "source": e["image_ed"], "target": e["image_es"],
+                    "source_label": e["label_ed"], "target_label": e["label_es"], "slice": -1})
+    return out
+
+
+def _pairs_entries(root: Path, split: str | None, seed: int) -> list[dict]:
+    return [{"name": e["pair"], "layout": "pairs", "patient": e["pair"], "source": e["source"], "target": e["target"],
+             "source_label": e["source_myo"], "target_label": e["target_myo"], "lost": e["lost"], "slice": -1}
+            for e in registration_pairs_datalist(root, split=split, fractions=PAIRS_FRACTIONS, seed=seed)]
+
+
+def pair_datalist(root: str | Path, split: str | None = None, layout: str = "auto", seed: int = 0,
+                  slices: str = "all") -> list[dict]:
+    """MONAI datalist of ED -> ES pairs of a dataset folder (see the module docstring for layouts and splits).
+
+    Args:
+        root: dataset folder (ACDC, CAMUS or registration-pair layout).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``None`` (all).
+        layout: one of :data:`PAIR_LAYOUTS` or ``"auto"``.
+        seed: split seed.
+        slices: ACDC only — ``"all"`` slices with myocardium in both frames (default) or the ``"mid"`` one.
+
+    Returns:
+        ``[{name, layout, patient, source, target, source_label, target_label, slice[, lost]}]``; ``slice`` is the
+        ACDC slice index (-1 for 2D layouts). Raises ``DataError`` when the split holds no pair.
+    """
+    root = _dataset_root(root)
+    layout = detect_pair_layout(root) if layout == "auto" else layout
+    if layout not in PAIR_LAYOUTS:
+        raise ValueError(f"layout must be 'auto' or one of {PAIR_LAYOUTS}, got {layout!r}")
+    if slices not in ("all", "mid"):
+        raise ValueError(f"slices must be 'all' or 'mid', got {slices!r}")
+    if layout == "acdc":
+        out = _acdc_entries(root, split, seed, slices)
+    elif layout == "camus":
+        out = _camus_entries(root, split, seed)
+    else:
+        out = _pairs_entries(root, split, seed)
+    if not out:
+        raise DataError(f"{root}: no {layout} pairs with myocardium in split {split!r}")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- array helpers
+def min_max_normalise(image: np.ndarray, name: str | Path = "image") -> np.ndarray:
+    """``(x - min) / (max - min)`` as float32; a constant or non-finite image is a ``DataError`` naming ``name``."""
+    arr = np.asarray(image, dtype=np.float32)
+    check_finite(arr, name)
+    lo, hi = float(arr.min()), float(arr.max())
+    if not hi > lo:
+        raise DataError(f"{name}: image is constant (all pixels {lo}); it cannot be min-max normalised")
+    return (arr - lo) / (hi - lo)
+
+
+def crop_around(array: np.ndarray, center: Sequence[float], size: Sequence[int],
+                fill: float) -> tuple[np.ndarray, tuple]:
+    """A ``size`` window of a 2D ``array`` centred on ``center`` (pixels), ``fill`` outside; also the window start."""
+    start = tuple(int(round(c)) - s // 2 for c, s in zip(center, size))
+    out = np.full(tuple(size), fill, dtype=array.dtype)
+    src, dst = [], []
+    for a, (st, s, n) in enumerate(zip(start, size, array.shape)):
+        lo, hi = max(st, 0), min(st + s, n)
+        if hi <= lo:
+            raise DataError(f"crop window {start} + {tuple(size)} misses the image of shape {array.shape} (axis {a})")
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - st, hi - st))
+    out[tuple(dst)] = array[tuple(src)]
+    return out, start
+
+
+def resize_2d(array: np.ndarray, size: Sequence[int], mask: bool = False) -> np.ndarray:
+    """Resize a 2D array: bilinear (antialiased when shrinking, ``align_corners=False``); masks thresholded at 0.5."""
+    size = tuple(int(s) for s in size)
+    if tuple(array.shape) == size:
+        return np.asarray(array, dtype=np.float32)
+    t = torch.as_tensor(np.asarray(array, dtype=np.float32))[None, None]
+    shrink = any(s < n for s, n in zip(size, array.shape))
+    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrink)[0, 0].numpy()
+    return (out >= 0.5).astype(np.float32) if mask else out
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def _read_dicom(p: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(p))
+        arr = ds.pixel_array
+    except Exception as e:  # pydicom raises many unrelated types for corrupt or pixel-less files
+        raise DataError(f"{p}: cannot read DICOM pixel data ({type(e).__name__}: {e})") from e
+    if getattr(ds, "SamplesPerPixel", 1) != 1:
+        raise DataError(f"{p}: expected a grayscale DICOM image, got SamplesPerPixel={ds.SamplesPerPixel}")
+    arr = arr.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
+        getattr(ds, "RescaleIntercept", 0) or 0)
+    sr, sc = (float(v) for v in getattr(ds, "PixelSpacing", [1.0, 1.0]))
+    affine = np.diag([sr, sc, 1.0, 1.0])
+    if hasattr(ds, "ImageOrientationPatient") and hasattr(ds, "ImagePositionPatient"):
+        iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+        ipp = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+        # array axis 0 runs down the rows (column direction cosines iop[3:]), axis 1 along a row (iop[:3]); DICOM
+        # is LPS, NIfTI RAS: flip x and y
+        lps = np.eye(4)
+        lps[:3, 0], lps[:3, 1] = iop[3:] * sr, iop[:3] * sc
+        lps[:3, 2] = np.cross(iop[:3], iop[3:])
+        lps[:3, 3] = ipp
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    return arr, affine, (sr, sc)
+
+
+def read_pair_image(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Read one 2D image of a pair: ``(array (H, W) float32, 4x4 affine, spacing)``.
+
+    NIfTI arrays keep nibabel's ``(X, Y)`` order (a trailing singleton axis is dropped); MetaImage ``(1, H, W)`` or
+    ``(H, W)``; DICOM (``.dcm``/``.dicom``) with rescale slope/intercept and its patient geometry; PNG/JPEG/TIFF as
+    grayscale with unit spacing. Anything else than one 2D frame, or NaN/Inf pixels, raises ``DataError`` naming
+    the file.
+    """
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith((".dcm", ".dicom")):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: file not found")
+        arr, affine, spacing = _read_dicom(p)
+    else:
+        img = read_image(p)
+        arr = np.asarray(img.array)
+        if name.endswith((".mhd", ".mha")) and arr.ndim == 3 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]
+        spacing = tuple(float(s) for s in (img.spacing[-2:] if len(img.spacing) >= 2 else (1.0, 1.0)))
+        affine = img.affine if img.affine is not None else np.diag([spacing[0], spacing[1], 1.0, 1.0])
+    if arr.ndim != 2:
+        raise DataError(f"{p}: expected one 2D image, got an array of shape {tuple(arr.shape)} (register 3D volumes "
+                        "slice by slice, sequences frame by frame)")
+    arr = arr.astype(np.float32)
+    check_finite(arr, p)
+    return arr, np.asarray(affine, dtype=np.float64), (float(spacing[0]), float(spacing[1]))
+
+
+def _shift_affine(affine: np.ndarray, start: Sequence[int], scale: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
+    """Affine of a window starting at voxel ``start`` whose pixels are ``scale`` times the original ones."""
+    a = np.asarray(affine, dtype=np.float64).copy()
+    a[:3, 3] = a[:3, 3] + a[:3, 0] * start[0] + a[:3, 1] * start[1]
+    a[:3, 0] *= scale[0]
+    a[:3, 1] *= scale[1]
+    return a
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+@functools.lru_cache(maxsize=8)
+def _read_volume(path: str):
+    """One read per ACDC volume while its slices are loaded one after the other (the arrays are never modified)."""
+    img = read_image(path)
+    img.array.setflags(write=False)
+    return img
+
+
+class LoadRegistrationPaird(Transform):
+    """Datalist entry (:func:`pair_datalist`) -> ``{image (2, H, W), label (2, H, W)[, lost (1, H, W)], name}``.
+
+    ``image`` is a ``MetaTensor`` (channel 0 source, channel 1 target, each min-max normalised) whose meta holds
+    ``filename_or_obj`` (the pair name), ``spacing`` of the output grid and the affine; ``label`` stacks the binary
+    myocardium masks of source and target. See the module docstring for the per-layout crop/resize.
+
+    Args:
+        spatial_size: output size ``(H, W)``; default ``(128, 128)``.
+    """
+
+    def __init__(self, spatial_size: Sequence[int] = (128, 128)) -> None:
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        if len(self.spatial_size) != 2 or min(self.spatial_size) < 1:
+            raise ValueError(f"spatial_size must be two positive ints, got {spatial_size}")
+
+    def _read(self, entry: Mapping, key: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        path = entry[key]
+        if entry["layout"] == "camus":
+            arr, (sr, sc) = load_echo_frame(path)
+            return arr.astype(np.float32), np.diag([sr, sc, 1.0, 1.0]), (sr, sc)
+        img = _read_volume(str(path))
+        arr = img.array
+        if entry["layout"] == "acdc" and arr.ndim == 3:
+            z = int(entry["slice"])
+            if not 0 <= z < arr.shape[2]:
+                raise DataError(f"{path}: slice {z} out of range for shape {arr.shape}")
+            arr = arr[..., z]
+        if arr.ndim != 2:
+            raise DataError(f"{path}: expected a 2D slice, got shape {arr.shape}")
+        affine = img.affine if img.affine is not None else np.eye(4)
+        return arr.astype(np.float32), affine, (float(img.spacing[0]), float(img.spacing[1]))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        e = dict(data)
+        for k in ("layout", "source", "target", "source_label", "target_label", "name"):
+            if k not in e:
+                raise KeyError(f"registration pair entry {e.get('name', e)} has no {k!r}")
+        layout = e["layout"]
+        myo = MYO_LABELS[layout]
+        src, affine, spacing = self._read(e, "source")
+        tgt, _, _ = self._read(e, "target")
+        src_lab, _, _ = self._read(e, "source_label")
+        tgt_lab, _, _ = self._read(e, "target_label")
+        arrays = {"source": src, "target": tgt, "source_label": (np.rint(src_lab) == myo).astype(np.float32),
+                  "target_label": (np.rint(tgt_lab) == myo).astype(np.float32)}
+        if layout == "pairs" and e.get("lost"):
+            arrays["lost"] = (read_image(e["lost"]).array > 0).astype(np.float32)
+        shapes = {k: v.shape for k, v in arrays.items()}
+        if len(set(shapes.values())) != 1:
+            raise DataError(f"pair {e['name']}: source/target/labels differ in shape {shapes}")
+        size = self.spatial_size
+        if layout == "acdc":
+            ys, xs = np.nonzero(arrays["source_label"])
+            if ys.size == 0:
+                raise DataError(f"{e['source_label']}: slice {e['slice']} has no myocardium to centre the crop on")
+            center = (float(ys.mean()), float(xs.mean()))
+            out = {}
+            for k, v in arrays.items():
+                fill = float(v.min()) if k in ("source", "target") else 0.0
+                out[k], start = crop_around(v, center, size, fill)
+            affine = _shift_affine(affine, start)
+        else:
+            scale = tuple(n / s for n, s in zip(src.shape, size))
+            out = {k: resize_2d(v, size, mask=k not in ("source", "target")) for k, v in arrays.items()}
+            affine = _shift_affine(affine, (0.0, 0.0), scale)
+            spacing = tuple(sp * f for sp, f in zip(spacing, scale))
+        image = np.stack([min_max_normalise(out["source"], e["source"]), min_max_normalise(out["target"], e["target"])])
+        meta = {"filename_or_obj": e["name"], "spacing": np.asarray(spacing, dtype=np.float64),
+                "original_channel_dim": 0}
+        result = {k: v for k, v in e.items() if k not in ("lost",)}
+        result["image"] = MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine), meta=meta)
+        result["label"] = torch.from_numpy(np.stack([out["source_label"], out["target_label"]]))
+        if "lost" in out:
+            result["lost"] = torch.from_numpy(out["lost"][None])
+        result["spacing"] = torch.as_tensor(spacing, dtype=torch.float64)
+        return result
+
+
+# --------------------------------------------------------------------------------------------- inference
+_SOURCE_RE = re.compile(r"^(?P<name>.+)_source(?P<ext>\.[A-Za-z.]+)$")
+
+
+def _image_ext(name: str) -> str | None:
+    low = name.lower()
+    return next((s for s in IMAGE_SUFFIXES if low.endswith(s)), None)
+
+
+def _sibling(source: Path, role: str) -> Path | None:
+    """``<name>_<role>.<any image ext>`` beside ``<name>_source.<ext>``, if there is one."""
+    m = _SOURCE_RE.match(source.name)
+    if not m:
+        return None
+    for ext in (m["ext"], *IMAGE_SUFFIXES):
+        cand = source.with_name(f"{m['name']}_{role}{ext}")
+        if cand.is_file():
+            return cand
+    return None
+
+
+def inference_pairs(input_path: str | Path, target_path: str | Path | None = None,
+                    source_mask_path: str | Path | None = None) -> list[dict]:
+    """Pairs to register: ``[{name, source, target, source_mask}]`` (``source_mask`` is ``""`` when absent).
+
+    ``input_path`` is either a folder (or a folder holding ``pairs/``) of ``<name>_source.<ext>`` files with their
+    ``<name>_target.<ext>`` (and optionally ``<name>_source_mask.<ext>`` or ``<name>_source_myo.<ext>``), or one
+    source image; its target is ``target_path`` or the ``_target`` sibling of a ``*_source.*`` file, its mask
+    ``source_mask_path`` or the ``_source_mask``/``_source_myo`` sibling. Missing files raise errors naming them.
+    """
+    p = Path(input_path)
+    if not p.exists():
+        raise FileNotFoundError(f"input_path {str(p)!r} does not exist")
+    if p.is_dir():
+        if target_path or source_mask_path:
+            raise ValueError("target_path/source_mask_path go with a single source image, not with a folder")
+        folder = p / "pairs" if (p / "pairs").is_dir() else p
+        out = []
+        for src in sorted(folder.iterdir()):
+            m = _SOURCE_RE.match(src.name)
+            if not m or _image_ext(src.name) is None or not src.is_file():
+                continue
+            tgt = _sibling(src, "target")
+            if tgt is None:
+                raise FileNotFoundError(f"{src}: no matching {m['name']}_target{m['ext']} beside it")
+            mask = _sibling(src, "source_mask") or _sibling(src, "source_myo")
+            out.append({"name": m["name"], "source": str(src), "target": str(tgt),
+                        "source_mask": str(mask) if mask else ""})
+        if not out:
+            raise DataError(f"{folder}: no image pairs found (expected <name>_source.<ext> and <name>_target.<ext>, "
+                            f"ext one of {', '.join(IMAGE_SUFFIXES)})")
+        return out
+    if _image_ext(p.name) is None:
+        raise DataError(f"{p}: unsupported image format (expected one of {', '.join(IMAGE_SUFFIXES)})")
+    tgt = Path(target_path) if target_path else _sibling(p, "target")
+    if tgt is None:
+        raise ValueError(f"{p}: give target_path (the image to register to), or name the pair *_source / *_target")
+    if not tgt.is_file():
+        raise FileNotFoundError(f"target image {tgt} not found")
+    mask = Path(source_mask_path) if source_mask_path else (_sibling(p, "source_mask") or _sibling(p, "source_myo"))
+    if mask is not None and not mask.is_file():
+        raise FileNotFoundError(f"source mask {mask} not found")
+    m = _SOURCE_RE.match(p.name)
+    ext = _image_ext(p.name) or ""
+    name = m["name"] if m else p.name[: len(p.name) - len(ext)]
+    return [{"name": name, "source": str(p), "target": str(tgt), "source_mask": str(mask) if mask else ""}]
+
+
+class LoadInferencePaird(Transform):
+    """Inference entry -> ``{image (2, h, w), name, source, target, source_mask}`` for the displacement network.
+
+    Source and target are read with :func:`read_pair_image`, must have one shape, are min-max normalised and resized
+    to ``spatial_size`` (``None`` keeps the input size, which must then suit the network). The affine of the target
+    (the grid of every output) and the input shape go into ``image.meta``.
+    """
+
+    def __init__(self, spatial_size: Sequence[int] | None = (128, 128)) -> None:
+        self.spatial_size = None if spatial_size is None else tuple(int(s) for s in spatial_size)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        src, _, _ = read_pair_image(d["source"])
+        tgt, affine, spacing = read_pair_image(d["target"])
+        if src.shape != tgt.shape:
+            raise DataError(f"{d['source']} has shape {src.shape} but {d['target']} has {tgt.shape}; a pair must "
+                            "share one grid")
+        size = self.spatial_size or src.shape
+        image = np.stack([resize_2d(min_max_normalise(src, d["source"]), size),
+                          resize_2d(min_max_normalise(tgt, d["target"]), size)])
+        meta = {"filename_or_obj": d["name"], "original_shape": np.asarray(src.shape),
+                "original_affine": affine, "spacing": np.asarray(spacing)}
+        d["image"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), meta=meta)
+        return d

@@ -1,0 +1,890 @@
+"""AdaCS training (Algorithm 1), its four baselines, registration metrics, evaluation and inference handlers.
+
+Training (:class:`AdaCSTrainer`, a MONAI ``Trainer``): a displacement estimator ``f`` (the bundle network, a
+:class:`~common.networks.registration.StackedPairAdapter`: stacked pair ``image (B, 2, H, W)`` -> displacement) and,
+depending on ``method``, an auxiliary network with its own Adam optimiser:
+
+* ``"adacs"`` (``METHODS.md`` §3, Algorithm 1) with the scoring net ``g`` (:class:`~common.networks.scoring.ScoringNet`)
+  — epochs ``[0, W)``: displacement steps with ``Ŝ ≡ 1`` (Eq. 2 = Eq. 1); ``[W, 2W)``: scoring steps only (``f``
+  frozen); from ``2W`` on every iteration does a displacement step (Eq. 2, ``⌊Ŝ⌋``) and then a scoring step (Eq. 9)
+  on a **fresh** forward of the just-updated ``f`` (``⌊û⌋``). The momentum weight ``m_T`` (Eq. 5-7,
+  :class:`~common.losses.adacs.MomentumTVWeight`) is updated after every displacement step with ``μ_T``, the mean
+  squared residual of that step's forward; scoring steps use the current ``m_T``.
+* ``"plain"`` (Eq. 1), ``"adareg"``, ``"adaframe"`` — one displacement step per iteration, no auxiliary net.
+* ``"nll"``, ``"beta_nll"`` — ``f`` and a variance U-Net (:class:`~common.networks.scoring.VarianceNet`) trained
+  jointly by one loss; both optimisers step every iteration.
+
+Everything a resumed run needs — both networks, both optimisers, the momentum state (plain numbers) and the engine's
+epoch/iteration — is :meth:`AdaCSTrainer.checkpoint_dict`; :class:`ResumeFromCheckpoint` loads it back, so a run
+resumed from an epoch checkpoint continues exactly as an uninterrupted one (the data order must depend on the epoch
+only: the bundle uses a seeded ``DistributedSampler``, also with one process).
+
+DDP: both networks may be ``DistributedDataParallel`` modules. Each optimisation step runs exactly one forward with
+gradients of the network it updates and every parameter of that network receives a gradient; the other network runs
+under ``torch.no_grad()`` (no DDP reducer is armed), so no ``find_unused_parameters`` is needed. All ranks are in the
+same phase because phases follow the epoch.
+
+Evaluation: :class:`RegistrationMetricsd` (evaluator postprocessing) scores every pair once — Dice, HD, HD95, ASD of
+the warped source myocardium against the target myocardium, % non-positive Jacobian determinants, the same for the
+unregistered pair (``*_identity``) and HD/ASD in mm — and :class:`RegistrationMetric` hands one column to MONAI's
+``IgniteMetricHandler``; :class:`RegistrationReport` writes ``per_pair.csv``, the paper's Table-1 summary for the
+metrics JSON and a PNG (source, target, warped source with contours, score map ``Ŝ``, deformed grid).
+:class:`RegistrationInferenceWriter` writes, per pair, the warped source, the displacement field and the warped
+source mask as NIfTI on the input grid.
+
+Presets (:func:`adacs_preset`): the authors' per-architecture/dataset hyper-parameters from ``METHODS.md``; a
+DiffuseMorph estimator (a later issue) adds one row per dataset and one entry of
+:data:`common.networks.registration.ESTIMATORS`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.engines.trainer import Trainer
+from monai.engines.utils import default_metric_cmp_fn, default_prepare_batch
+from monai.inferers import Inferer, SimpleInferer
+from monai.metrics import CumulativeIterationMetric
+from monai.transforms import Transform
+from torch import Tensor, nn
+
+from common.data.io import DataError
+from common.losses.adacs import (
+    MomentumTVWeight,
+    adaframe_loss,
+    adareg_loss,
+    beta_nll_loss,
+    displacement_step_loss,
+    gaussian_nll_loss,
+    plain_registration_loss,
+    residual_energy,
+    scoring_step_loss,
+)
+from common.metrics.registration import mask_overlap_metrics, nonpositive_jacobian_percent, warp_mask
+from common.networks.scoring import ScoringNet, VarianceNet
+
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "REGISTRATION_METRICS",
+    "SCORE_COLUMNS",
+    "AdaCSTrainer",
+    "RegistrationInferenceWriter",
+    "RegistrationMetric",
+    "RegistrationMetricsd",
+    "RegistrationReport",
+    "ResumeFromCheckpoint",
+    "adacs_preset",
+    "build_auxiliary_net",
+    "plot_registration_examples",
+    "score_pair",
+    "training_phase",
+    "unwrap",
+]
+
+METHODS = ("adacs", "plain", "adareg", "adaframe", "nll", "beta_nll")
+REGISTRATION_METRICS = ("dice", "hd", "hd95", "asd", "nonpositive_jacobian_percent")
+SCORE_COLUMNS = (*REGISTRATION_METRICS, "dice_identity", "hd_identity", "asd_identity", "hd_mm", "asd_mm")
+
+# (architecture, dataset) -> hyper-parameters of the authors' scripts (METHODS.md §3). alpha: L_reg weight, beta:
+# smoothness weight, lam: displacement smoothness, lr: Adam learning rate of both nets, warmup_epochs: W.
+PRESETS: dict[tuple[str, str], dict[str, float | int]] = {
+    ("voxelmorph", "acdc"): {"alpha": 0.02, "beta": 1.5, "lam": 0.01, "lr": 2e-4, "warmup_epochs": 20},
+    ("voxelmorph", "camus"): {"alpha": 0.04, "beta": 1.5, "lam": 0.01, "lr": 1e-4, "warmup_epochs": 20},
+    ("transmorph", "acdc"): {"alpha": 0.01, "beta": 0.6, "lam": 0.01, "lr": 1e-4, "warmup_epochs": 20},
+    ("transmorph", "camus"): {"alpha": 0.03, "beta": 5.0, "lam": 0.03, "lr": 1e-4, "warmup_epochs": 20},
+}
+# the repository's synthetic registration pairs mix MRI and echo; they use the ACDC (MRI) row
+DATASET_ALIASES = {"pairs": "acdc"}
+
+
+def adacs_preset(architecture: str, dataset: str) -> dict[str, float | int]:
+    """Hyper-parameters ``{alpha, beta, lam, lr, warmup_epochs}`` for an architecture and a dataset layout.
+
+    ``dataset`` is ``"acdc"``, ``"camus"`` or ``"pairs"`` (uses the ACDC row). A copy is returned.
+    """
+    arch, ds = str(architecture).lower(), str(dataset).lower()
+    ds = DATASET_ALIASES.get(ds, ds)
+    if (arch, ds) not in PRESETS:
+        known = sorted({a for a, _ in PRESETS}), sorted({d for _, d in PRESETS} | set(DATASET_ALIASES))
+        raise ValueError(f"no AdaCS preset for architecture {architecture!r} and dataset {dataset!r}; "
+                         f"architectures {known[0]}, datasets {known[1]}")
+    return dict(PRESETS[(arch, ds)])
+
+
+def build_auxiliary_net(method: str, spatial_dims: int = 2, enc_channels: Sequence[int] = (16, 32, 32, 32),
+                        dec_channels: Sequence[int] = (32, 32, 32, 32, 32, 16, 16)) -> nn.Module | None:
+    """Training-only second net of ``method``: ``ScoringNet`` (adacs), ``VarianceNet`` (nll, beta_nll), else None."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "adacs":
+        return ScoringNet(spatial_dims, enc_channels, dec_channels)
+    if method in ("nll", "beta_nll"):
+        return VarianceNet(spatial_dims, enc_channels, dec_channels)
+    return None
+
+
+def unwrap(module: nn.Module | None) -> nn.Module | None:
+    """The module inside ``DistributedDataParallel``/``DataParallel`` (or the module itself)."""
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        module = module.module
+    return module
+
+
+def training_phase(epoch: int, method: str, warmup_epochs: int) -> str:
+    """Phase of 0-based ``epoch``: ``"displacement"`` (f only, Ŝ ≡ 1), ``"scoring"`` (g only), ``"alternating"``.
+
+    Only AdaCS has phases; the baselines are ``"joint"`` throughout.
+    """
+    if method != "adacs":
+        return "joint"
+    if epoch < warmup_epochs:
+        return "displacement"
+    if epoch < 2 * warmup_epochs:
+        return "scoring"
+    return "alternating"
+
+
+def _global_mean(value: Tensor) -> float:
+    """Mean of a scalar over all ranks, so that every rank folds the same ``μ_T`` into ``m_T`` (one for one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        v = value.detach().reshape(1).clone()
+        dist.all_reduce(v)
+        return float(v) / dist.get_world_size()
+    return float(value)
+
+
+class AdaCSTrainer(Trainer):
+    """Algorithm 1 of AdaCS and the baselines as a MONAI/ignite trainer; see the module docstring.
+
+    Args:
+        device: device of the batches.
+        max_epochs: total epochs, warm-up included (AdaCS alternates from epoch ``2 * warmup_epochs``).
+        train_data_loader: batches with ``image`` ``(B, 2, H, W)`` (channel 0 source, channel 1 target); labels are
+            never used (unsupervised).
+        network: the displacement estimator as a stacked-pair module (``StackedPairAdapter``, possibly DDP-wrapped):
+            ``network(image) -> displacement (B, 2, H, W)``.
+        optimizer: optimiser of ``network``.
+        method: one of :data:`METHODS`.
+        auxiliary_network: ``ScoringNet`` for adacs, ``VarianceNet`` for nll/beta_nll, ``None`` otherwise.
+        auxiliary_optimizer: its optimiser.
+        momentum: :class:`MomentumTVWeight` state of the AdaCS smoothness weight (a new one by default).
+        lam: weight of the displacement smoothness ``λ R(û)``.
+        alpha: weight of ``L_reg`` (Eq. 9).
+        beta: weight of ``L_smooth`` (Eq. 9).
+        warmup_epochs: ``W`` of Algorithm 1 (AdaCS only).
+        adareg_c, adaframe_a0, adaframe_b0, beta_nll: baseline constants (see :mod:`common.losses.adacs`).
+        inferer: runs ``network`` on ``image`` (``SimpleInferer`` by default).
+        epoch_length, non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
+        additional_metrics, metric_cmp_fn, train_handlers, event_names, event_to_attr, decollate, to_kwargs:
+            as for MONAI's ``SupervisedTrainer``.
+
+    ``engine.state.output`` per iteration: ``loss`` (the last step's loss), ``loss_displacement``, ``loss_scoring``
+    (NaN when the step did not run), ``tv_weight`` (``m_T``), ``score_mean`` (mean ``Ŝ`` of the batch) and
+    ``phase``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Any,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        method: str = "adacs",
+        auxiliary_network: nn.Module | None = None,
+        auxiliary_optimizer: torch.optim.Optimizer | None = None,
+        momentum: MomentumTVWeight | None = None,
+        lam: float = 0.01,
+        alpha: float = 0.02,
+        beta: float = 1.5,
+        warmup_epochs: int = 20,
+        adareg_c: float = 50.0,
+        adaframe_a0: float = 0.1,
+        adaframe_b0: float = 10.0,
+        beta_nll: float = 0.5,
+        inferer: Inferer | None = None,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable | None = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = False,
+        to_kwargs: dict | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        inner = unwrap(network)
+        if not hasattr(inner, "estimator") or not hasattr(inner.estimator, "warp"):
+            raise ValueError("network must be a StackedPairAdapter (image (B, 2, ...) -> displacement) around a "
+                             f"DisplacementEstimator, got {type(inner).__name__}")
+        aux = unwrap(auxiliary_network)
+        wanted = {"adacs": ScoringNet, "nll": VarianceNet, "beta_nll": VarianceNet}.get(method)
+        if wanted is None and auxiliary_network is not None:
+            raise ValueError(f"method {method!r} takes no auxiliary network, got {type(aux).__name__}")
+        if wanted is not None:
+            if not isinstance(aux, wanted):
+                raise ValueError(f"method {method!r} needs a {wanted.__name__} as auxiliary_network, got "
+                                 f"{type(aux).__name__}")
+            if auxiliary_optimizer is None:
+                raise ValueError(f"method {method!r} needs auxiliary_optimizer for its {wanted.__name__}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if min(lam, alpha, beta) < 0:
+            raise ValueError(f"lam, alpha and beta must be >= 0, got {lam}, {alpha}, {beta}")
+        if method == "adacs" and max_epochs <= 2 * warmup_epochs:
+            warnings.warn(f"max_epochs={max_epochs} <= 2 * warmup_epochs={2 * warmup_epochs}: AdaCS never reaches "
+                          "the alternating phase", stacklevel=2)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=False,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            to_kwargs=to_kwargs,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.method = method
+        self.auxiliary_network = auxiliary_network
+        self.auxiliary_optimizer = auxiliary_optimizer
+        self.momentum = momentum if momentum is not None else (MomentumTVWeight() if method == "adacs" else None)
+        self.lam, self.alpha, self.beta = float(lam), float(alpha), float(beta)
+        self.warmup_epochs = int(warmup_epochs)
+        self.adareg_c, self.adaframe_a0, self.adaframe_b0 = float(adareg_c), float(adaframe_a0), float(adaframe_b0)
+        self.beta_nll = float(beta_nll)
+        self.inferer = SimpleInferer() if inferer is None else inferer
+        self.logger.info(
+            f"AdaCSTrainer: method={method} lam={lam} alpha={alpha} beta={beta} warmup_epochs={warmup_epochs} "
+            f"max_epochs={max_epochs}"
+        )
+
+    def checkpoint_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: networks, optimisers, momentum state and this engine (epoch, iteration)."""
+        out: dict[str, Any] = {"network": self.network, "optimizer": self.optimizer, "trainer": self}
+        if self.auxiliary_network is not None:
+            out["auxiliary"] = self.auxiliary_network
+            out["optimizer_auxiliary"] = self.auxiliary_optimizer
+        if self.momentum is not None:
+            out["momentum"] = self.momentum
+        return out
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _estimator(self):
+        return unwrap(self.network).estimator
+
+    def _forward_f(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        source, target = image[:, 0:1], image[:, 1:2]
+        displacement = self.inferer(image, self.network)
+        warped = self._estimator().warp(source, displacement, "bilinear")
+        return source, target, displacement, warped
+
+    def _displacement_step(self, image: Tensor, use_score: bool, epoch: int) -> tuple[float, float]:
+        """Eq. 2 (``Ŝ ≡ 1`` during warm-up); updates ``m_T`` with this step's ``μ_T``. Returns (loss, mean Ŝ)."""
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        _, target, displacement, warped = self._forward_f(image)
+        if use_score:
+            with torch.no_grad():  # ⌊Ŝ⌋: g is only evaluated here
+                score = self.auxiliary_network(target)
+        else:
+            score = torch.ones_like(target)
+        loss = displacement_step_loss(target, warped, displacement, score, self.lam)
+        loss.backward()
+        self.optimizer.step()
+        self.momentum.update(_global_mean(residual_energy(target, warped)), epoch)
+        return float(loss.detach()), float(score.mean())
+
+    def _scoring_step(self, image: Tensor) -> tuple[float, float]:
+        """Eq. 9 on a fresh forward of ``f`` (``⌊û⌋``). Returns (loss, mean Ŝ)."""
+        self.auxiliary_network.train()
+        self.auxiliary_optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            _, target, _, warped = self._forward_f(image)
+        score = self.auxiliary_network(target)
+        loss = scoring_step_loss(target, warped, score, self.alpha, self.beta, self.momentum.value)
+        loss.backward()
+        self.auxiliary_optimizer.step()
+        return float(loss.detach()), float(score.detach().mean())
+
+    def _baseline_step(self, image: Tensor) -> float:
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.auxiliary_optimizer is not None:
+            self.auxiliary_network.train()
+            self.auxiliary_optimizer.zero_grad(set_to_none=True)
+        _, target, displacement, warped = self._forward_f(image)
+        if self.method == "plain":
+            loss = plain_registration_loss(target, warped, displacement, self.lam)
+        elif self.method == "adareg":
+            loss = adareg_loss(target, warped, displacement, self.lam, self.adareg_c)
+        elif self.method == "adaframe":
+            loss = adaframe_loss(target, warped, displacement, self.lam, self.adaframe_a0, self.adaframe_b0)
+        else:
+            log_var = self.auxiliary_network(target, warped)
+            if self.method == "nll":
+                loss = gaussian_nll_loss(target, warped, log_var, displacement, self.lam)
+            else:
+                loss = beta_nll_loss(target, warped, log_var, displacement, self.lam, self.beta_nll)
+        loss.backward()
+        self.optimizer.step()
+        if self.auxiliary_optimizer is not None:
+            self.auxiliary_optimizer.step()
+        return float(loss.detach())
+
+    def _iteration(self, engine: AdaCSTrainer, batchdata: dict[str, Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        image = batch[0]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image
+        if image.ndim < 4 or image.shape[1] != 2:
+            raise ValueError(f"training batches need image (B, 2, *spatial) = stacked source/target, got "
+                             f"{tuple(image.shape)}")
+        epoch = engine.state.epoch - 1
+        phase = training_phase(epoch, engine.method, engine.warmup_epochs)
+        nan = float("nan")
+        out: dict[str, Any] = {"phase": phase, "loss_displacement": nan, "loss_scoring": nan, "score_mean": nan}
+        if phase == "joint":
+            out["loss_displacement"] = engine._baseline_step(image)
+        if phase in ("displacement", "alternating"):
+            out["loss_displacement"], out["score_mean"] = engine._displacement_step(
+                image, use_score=phase == "alternating", epoch=epoch)
+        if phase in ("scoring", "alternating"):
+            out["loss_scoring"], out["score_mean"] = engine._scoring_step(image)
+        out["loss"] = torch.tensor(out["loss_scoring"] if phase == "scoring" else out["loss_displacement"])
+        out["tv_weight"] = engine.momentum.value if engine.momentum is not None else nan
+        engine.state.output = out
+        return out
+
+
+class ResumeFromCheckpoint:
+    """Resume training from a checkpoint written with :meth:`AdaCSTrainer.checkpoint_dict` (no-op for an empty path).
+
+    Delegates to MONAI's ``CheckpointLoader`` (weights-only loading, the engine's epoch and iteration restored) at
+    ``Events.STARTED``. A path that is given but missing raises ``FileNotFoundError`` naming it.
+    """
+
+    def __init__(self, load_path: str | None, load_dict: dict, map_location: Any = None) -> None:
+        self.load_path = str(load_path) if load_path else ""
+        self.load_dict = load_dict
+        self.map_location = map_location
+
+    def attach(self, engine) -> None:
+        if not self.load_path:
+            return
+        if not Path(self.load_path).is_file():
+            raise FileNotFoundError(f"resume checkpoint {self.load_path} not found (--resume_from)")
+        from monai.handlers import CheckpointLoader
+
+        CheckpointLoader(self.load_path, self.load_dict, map_location=self.map_location).attach(engine)
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+def _quiet(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call a metric function without MONAI's per-call deprecation notice from its surface-distance helper."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        return fn(*args, **kwargs)
+
+
+def score_pair(displacement: Tensor, masks: Tensor, metrics: Sequence[str] = SCORE_COLUMNS,
+               spacing: Sequence[float] | None = None) -> tuple[dict[str, float], Tensor]:
+    """Registration scores of one pair.
+
+    Args:
+        displacement: ``(2, H, W)`` pixels.
+        masks: ``(2, H, W)`` binary myocardium of source (channel 0) and target (channel 1).
+        metrics: the :data:`SCORE_COLUMNS` wanted; ``*_identity`` score the unregistered pair, ``*_mm`` use
+            ``spacing``. Only what is asked is computed (the folding % alone costs a batched determinant).
+        spacing: pixel size for the ``*_mm`` columns.
+
+    Returns:
+        ``({column: value}, warped source mask (1, H, W) long)``.
+    """
+    bad = [m for m in metrics if m not in SCORE_COLUMNS]
+    if bad:
+        raise ValueError(f"unknown registration scores {bad}; choose from {SCORE_COLUMNS}")
+    ddf = displacement.detach().float()[None]
+    lab = masks.detach().round().long()[None].to(ddf.device)
+    src, tgt = lab[:, 0:1], lab[:, 1:2]
+    warped = warp_mask(src, ddf, num_labels=2)
+    out: dict[str, float] = {}
+    if any(m in metrics for m in ("dice", "hd", "hd95", "asd")):
+        res = _quiet(mask_overlap_metrics, warped, tgt, label=1)
+        out.update({k: float(res[k][0]) for k in ("dice", "hd", "hd95", "asd") if k in metrics})
+    if "nonpositive_jacobian_percent" in metrics:
+        out["nonpositive_jacobian_percent"] = float(nonpositive_jacobian_percent(ddf)[0])
+    if any(m.endswith("_identity") for m in metrics):
+        res = _quiet(mask_overlap_metrics, src, tgt, label=1)
+        out.update({f"{k}_identity": float(res[k][0]) for k in ("dice", "hd", "asd") if f"{k}_identity" in metrics})
+    if any(m.endswith("_mm") for m in metrics):
+        if spacing is None:
+            raise ValueError("hd_mm/asd_mm need the pixel spacing")
+        res = _quiet(mask_overlap_metrics, warped, tgt, label=1, spacing=[float(v) for v in spacing])
+        out.update({k: float(res[k[:-3]][0]) for k in ("hd_mm", "asd_mm") if k in metrics})
+    return {m: out[m] for m in metrics}, warped[0]
+
+
+class RegistrationMetricsd(Transform):
+    """Evaluator postprocessing: score each decollated output once, for every metric handler and the report.
+
+    Reads ``pred`` (displacement ``(2, H, W)``), ``label`` (source/target masks ``(2, H, W)``) and the pixel
+    spacing from ``image.meta["spacing"]`` (when a ``*_mm`` column is asked); adds ``scores`` (a float tensor with
+    one entry per name in ``metrics``, in that order), ``score_names`` and ``warped_label`` ``(1, H, W)``.
+
+    Args:
+        metrics: columns of :data:`SCORE_COLUMNS` to compute (all by default; validation during training needs only
+            ``["dice"]``).
+    """
+
+    def __init__(self, metrics: Sequence[str] = SCORE_COLUMNS) -> None:
+        self.metrics = tuple(metrics)
+        bad = [m for m in self.metrics if m not in SCORE_COLUMNS]
+        if bad or not self.metrics:
+            raise ValueError(f"metrics must be a non-empty subset of {SCORE_COLUMNS}, got {list(metrics)}")
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        spacing = None
+        if any(m.endswith("_mm") for m in self.metrics):
+            meta = getattr(d.get("image"), "meta", {}) or {}
+            spacing = meta.get("spacing")
+            spacing = None if spacing is None else [float(v) for v in _plain(spacing).reshape(-1)[:2]]
+        values, warped = score_pair(_plain(d["pred"]), _plain(d["label"]), self.metrics, spacing)
+        d["scores"] = torch.tensor([values[m] for m in self.metrics], dtype=torch.float64)
+        d["score_names"] = list(self.metrics)
+        d["warped_label"] = warped
+        return d
+
+
+class RegistrationMetric(CumulativeIterationMetric):
+    """One registration score per pair for MONAI's ``IgniteMetricHandler`` (mean over pairs with finite values).
+
+    Two input forms:
+
+    * ``y_pred`` the ``scores`` of :class:`RegistrationMetricsd` ``(B, K)`` and ``y`` its ``score_names`` (one list,
+      or one list per pair) — picks column ``metric`` (the evaluator computes each pair once, for all handlers);
+    * ``y_pred`` a displacement ``(B, 2, H, W)`` and ``y`` the source/target masks ``(B, 2, H, W)`` — scores here.
+
+    Args:
+        metric: a column of :data:`SCORE_COLUMNS` (Dice in [0, 1]; HD, HD95, ASD in pixels of the network grid, as
+            in the paper; folding in %; ``*_identity`` for the unregistered pair).
+
+    HD/ASD are infinite when a warped mask is empty; ``aggregate()`` leaves such pairs out of the mean.
+    """
+
+    def __init__(self, metric: str = "dice") -> None:
+        super().__init__()
+        if metric not in SCORE_COLUMNS:
+            raise ValueError(f"metric must be one of {SCORE_COLUMNS}, got {metric!r}")
+        self.metric = metric
+
+    def __call__(self, y_pred: Any, y: Any = None, **kwargs: Any) -> Any:
+        # score tables travel with their column names (strings), which the tensor path of IterationMetric rejects
+        if isinstance(y_pred, (list, tuple)) and y_pred and _plain(y_pred[0]).ndim == 1:
+            names = y if y is not None else [None] * len(y_pred)
+            names = names if isinstance(names[0], (list, tuple)) else [names] * len(y_pred)
+            col = torch.stack([self._pick(_plain(p), n) for p, n in zip(y_pred, names)]).reshape(-1, 1)
+            self.extend(col)
+            return col
+        return super().__call__(y_pred, y, **kwargs)
+
+    def _pick(self, scores: Tensor, names: Sequence[str] | None) -> Tensor:
+        if names is None or self.metric not in list(names):
+            raise ValueError(f"score table has columns {names}; {self.metric!r} is not among them (configure "
+                             "RegistrationMetricsd(metrics=...) to compute it)")
+        return scores[list(names).index(self.metric)].float()
+
+    def _compute_tensor(self, y_pred: Tensor, y: Tensor | None = None, **kwargs: Any) -> Tensor:
+        if y_pred.ndim == 2:
+            raise ValueError("a score table needs its score_names as y (from RegistrationMetricsd)")
+        if y is None or y.ndim != y_pred.ndim or y.shape[1] != 2:
+            raise ValueError("y must stack the source and target masks as 2 channels (B, 2, H, W)")
+        vals = [score_pair(p, m, (self.metric,))[0][self.metric] for p, m in zip(y_pred, y)]
+        return torch.tensor(vals, dtype=torch.float32).reshape(-1, 1)
+
+    def aggregate(self) -> Tensor:
+        data = self.get_buffer()
+        if not isinstance(data, Tensor) or data.numel() == 0:
+            return torch.tensor(float("nan"))
+        finite = data[torch.isfinite(data)]
+        return finite.mean() if finite.numel() else torch.tensor(float("nan"))
+
+
+# ------------------------------------------------------------------------------------------------------ figures
+_WARPERS: dict[str, Any] = {}
+
+
+def _warp_image(image: Tensor, displacement: Tensor) -> Tensor:
+    """Bilinear pull-back warp with zeros outside (the estimators' convention) on one shared MONAI ``Warp``."""
+    if "bilinear" not in _WARPERS:
+        from monai.networks.blocks.warp import Warp
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # MONAI announces its PyTorch resampler on construction
+            _WARPERS["bilinear"] = Warp(mode="bilinear", padding_mode="zeros")
+    return _WARPERS["bilinear"](image.float(), displacement.float().to(image.device))
+
+
+def _display(arr: np.ndarray, transpose: bool) -> np.ndarray:
+    return arr.T if transpose else arr
+
+
+def _grid_lines(ax, displacement: np.ndarray, step: int, transpose: bool) -> None:
+    """Deformed grid ``x + û(x)`` in display coordinates (rows down, columns right)."""
+    u0, u1 = displacement[0], displacement[1]
+    if transpose:  # the display's rows are array axis 1
+        u0, u1 = u1.T, u0.T
+    h, w = u0.shape
+    rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    pr, pc = rr + u0, cc + u1
+    for r in range(0, h, step):
+        ax.plot(pc[r, :], pr[r, :], color="tab:orange", linewidth=0.6)
+    for c in range(0, w, step):
+        ax.plot(pc[:, c], pr[:, c], color="tab:orange", linewidth=0.6)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_aspect("equal")
+
+
+def plot_registration_examples(rows: Sequence[dict], out_png: str | Path, title: str = "") -> Path:
+    """PNG with one row per pair: source, target, warped source, score map, deformed grid.
+
+    Each ``rows`` item: ``name``, ``source``, ``target``, ``warped`` ``(H, W)``, ``displacement`` ``(2, H, W)``,
+    optional ``source_mask``, ``target_mask``, ``warped_mask``, ``score`` ``(H, W)`` (with ``score_label``),
+    ``lost`` ``(H, W)``, ``dice``/``dice_identity`` numbers and ``transpose`` (show arrays transposed, for NIfTI
+    ``(X, Y)`` data).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(rows), 1)
+    fig, axes = plt.subplots(n, 5, figsize=(15, 3.1 * n), squeeze=False)
+    for r, row in enumerate(rows):
+        t = bool(row.get("transpose", False))
+        panels = [("source (ED)", row["source"], row.get("source_mask")),
+                  ("target (ES)", row["target"], row.get("target_mask")),
+                  ("warped source", row["warped"], row.get("warped_mask"))]
+        for c, (label, img, mask) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(_display(img, t), cmap="gray", vmin=0, vmax=1)
+            if mask is not None and np.any(mask):
+                ax.contour(_display(mask.astype(float), t), [0.5], colors="tab:green", linewidths=0.8)
+            if c == 2 and row.get("target_mask") is not None and np.any(row["target_mask"]):
+                ax.contour(_display(row["target_mask"].astype(float), t), [0.5], colors="yellow", linewidths=0.6,
+                           linestyles="dashed")
+            text = f"{row['name']}: {label}"
+            if c == 2 and "dice" in row:
+                text += f"\nDice {row['dice']:.3f} (identity {row.get('dice_identity', float('nan')):.3f})"
+            ax.set_title(text, fontsize=7)
+            ax.axis("off")
+        ax = axes[r, 3]
+        if row.get("score") is not None:
+            im = ax.imshow(_display(row["score"], t), cmap="viridis", vmin=0, vmax=1)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            if row.get("lost") is not None and np.any(row["lost"]):
+                ax.contour(_display(row["lost"].astype(float), t), [0.5], colors="red", linewidths=0.8)
+            ax.set_title(f"{row.get('score_label', 'score map Ŝ')} (red: lost correspondence)", fontsize=7)
+        else:
+            ax.text(0.5, 0.5, row.get("score_label", "no score map"), ha="center", va="center", fontsize=8,
+                    transform=ax.transAxes)
+        ax.axis("off")
+        ax = axes[r, 4]
+        ax.imshow(_display(row["target"], t), cmap="gray", vmin=0, vmax=1, alpha=0.5)
+        _grid_lines(ax, row["displacement"], max(4, row["target"].shape[0] // 24), t)
+        ax.set_title("displacement grid x + û(x)", fontsize=7)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _batch_items(engine) -> list[dict]:
+    """``engine.state.batch`` as one dict per pair (MONAI decollates it after the forward when ``decollate=True``)."""
+    from monai.data import decollate_batch
+
+    batch = engine.state.batch
+    if isinstance(batch, list):
+        return batch
+    return decollate_batch(batch, detach=True)
+
+
+def _plain(t: Any) -> Tensor:
+    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
+
+class RegistrationReport:
+    """Per-pair CSV, Table-1 summary and PNG of a registration evaluation (attach to the evaluator).
+
+    At every iteration the decollated outputs (``pred`` displacement, ``label`` source/target masks) give one row
+    per pair: the ``scores`` of :class:`RegistrationMetricsd` when it ran with all :data:`SCORE_COLUMNS`, else
+    :func:`score_pair` here. ``per_pair.csv`` is written at completion (all ranks' rows, rank 0 writes).
+    :meth:`summary` is meant for ``MetricsJSONWriter(extra=...)``. The PNG shows the first ``n_png`` pairs; the score
+    map comes from ``auxiliary_network`` loaded from ``auxiliary_checkpoint`` (the ``auxiliary`` entry of the
+    training checkpoint) when that file exists. With a ``lost`` map (synthetic pairs) the mean ``Ŝ`` inside and
+    outside the lost regions is reported too.
+
+    Args:
+        output_dir: folder of ``per_pair.csv`` and the PNG.
+        auxiliary_network: the method's ``ScoringNet``/``VarianceNet`` definition, or ``None``.
+        auxiliary_checkpoint: training checkpoint holding ``auxiliary`` weights.
+        n_png: pairs shown in the PNG.
+        png_name: PNG file name.
+    """
+
+    def __init__(self, output_dir: str, auxiliary_network: nn.Module | None = None,
+                 auxiliary_checkpoint: str | None = None, n_png: int = 4, png_name: str = "registration.png") -> None:
+        self.output_dir = Path(output_dir)
+        self.auxiliary_network = auxiliary_network
+        self.auxiliary_checkpoint = auxiliary_checkpoint
+        self.n_png = int(n_png)
+        self.png_name = png_name
+        self.rows: list[dict] = []
+        self.figure_rows: list[dict] = []
+        self.png_path: Path | None = None
+        self.csv_path = self.output_dir / "per_pair.csv"
+        self._aux_loaded: bool | None = None
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def _reset(self, engine=None) -> None:
+        self.rows, self.figure_rows = [], []
+
+    def _load_auxiliary(self, device) -> nn.Module | None:
+        if self._aux_loaded is None:
+            self._aux_loaded = False
+            path = Path(self.auxiliary_checkpoint) if self.auxiliary_checkpoint else None
+            if self.auxiliary_network is not None and path is not None and path.is_file():
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                try:
+                    unwrap(self.auxiliary_network).load_state_dict(state["auxiliary"])
+                    self._aux_loaded = True
+                except (KeyError, RuntimeError) as e:
+                    # the score map is an illustration; the metrics do not depend on it, so evaluation goes on
+                    self.logger.warning(f"{path}: no usable 'auxiliary' weights ({type(e).__name__}: {e}); "
+                                        "the PNG shows no score map")
+            elif self.auxiliary_network is not None:
+                self.logger.warning(f"training checkpoint {path} not found; the PNG shows no score map")
+        if not self._aux_loaded:
+            return None
+        net = unwrap(self.auxiliary_network).to(device)
+        net.eval()
+        return net
+
+    def _iteration(self, engine) -> None:
+        outputs = engine.state.output
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        items = _batch_items(engine)
+        if len(items) != len(outputs):
+            raise RuntimeError(f"RegistrationReport: {len(items)} batch items but {len(outputs)} outputs")
+        for item, out in zip(items, outputs):
+            ddf = _plain(out["pred"]).detach().float()[None]
+            masks = _plain(out["label"]).detach().round().long()[None].to(ddf.device)
+            row: dict[str, Any] = {"pair": str(item.get("name", f"pair{len(self.rows) + 1}"))}
+            if "scores" in out and list(out.get("score_names", [])) == list(SCORE_COLUMNS):
+                values, warped = dict(zip(SCORE_COLUMNS, _plain(out["scores"]).tolist())), out["warped_label"]
+            else:  # not scored by RegistrationMetricsd(all columns): score here
+                spacing = item.get("spacing")
+                cols = SCORE_COLUMNS if spacing is not None else SCORE_COLUMNS[:-2]
+                sp = None if spacing is None else _plain(spacing).reshape(-1)[:2].tolist()
+                values, warped = score_pair(ddf[0], masks[0], cols, sp)
+            row.update(values)
+            warped = _plain(warped)[0]
+            image = _plain(out["image"]).detach().float()
+            score, score_label = None, "no score map (method has no scoring net)"
+            aux = self._load_auxiliary(ddf.device) if self.auxiliary_network is not None else None
+            if aux is not None:
+                with torch.no_grad():
+                    tgt = image[1:2][None].to(ddf.device)
+                    if isinstance(aux, ScoringNet):
+                        score, score_label = aux(tgt)[0, 0].cpu(), "score map Ŝ"
+                    else:
+                        w = _warp_image(image[0:1][None].cpu(), ddf.cpu())
+                        log_var = aux(tgt, w.to(ddf.device))[0, 0].cpu()
+                        # shown as a confidence in [0, 1] so that it reads like Ŝ: low where the variance is high
+                        score, score_label = torch.exp(-torch.exp(log_var)), "exp(-σ²) of the variance net"
+            lost = item.get("lost")
+            lost = None if lost is None else _plain(lost)[0].cpu()
+            if score is not None and lost is not None:
+                lost_b = lost.bool()
+                if lost_b.any() and (~lost_b).any():
+                    row["score_in_lost"] = float(score[lost_b].mean())
+                    row["score_outside_lost"] = float(score[~lost_b].mean())
+            self.rows.append(row)
+            if len(self.figure_rows) < self.n_png:
+                warped_source = _warp_image(image[0:1][None].cpu(), ddf.cpu())[0, 0]
+                self.figure_rows.append({
+                    "name": row["pair"], "source": image[0].cpu().numpy(), "target": image[1].cpu().numpy(),
+                    "warped": warped_source.numpy(), "displacement": ddf[0].cpu().numpy(),
+                    "source_mask": masks[0, 0].cpu().numpy(), "target_mask": masks[0, 1].cpu().numpy(),
+                    "warped_mask": warped.cpu().numpy(), "score": None if score is None else score.numpy(),
+                    "score_label": score_label, "lost": None if lost is None else lost.numpy(),
+                    "dice": row["dice"], "dice_identity": row["dice_identity"],
+                    "transpose": str(item.get("layout", "")) in ("acdc", "pairs"),
+                })
+
+    def _gather(self) -> list[dict]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self.rows)
+            return [r for p in parts for r in p]
+        return list(self.rows)
+
+    def _completed(self, engine) -> None:
+        rows = self._gather()
+        self.rows = rows
+        if getattr(engine.state, "rank", 0) != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        with open(self.csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        if self.figure_rows:
+            self.png_path = plot_registration_examples(self.figure_rows, self.output_dir / self.png_name,
+                                                       title=f"{len(rows)} pairs evaluated")
+        engine.logger.info(f"per-pair metrics: {self.csv_path}; picture: {self.png_path}")
+
+    def summary(self, engine=None) -> dict:
+        """``{"table1": {...}, "per_pair_csv", "png", "n_pairs", ...}`` over the finite values of every column."""
+        out: dict[str, Any] = {"n_pairs": len(self.rows), "per_pair_csv": str(self.csv_path),
+                               "png": str(self.png_path) if self.png_path else None}
+        stats = {}
+        keys = [k for k in (self.rows[0] if self.rows else {}) if k != "pair"]
+        for k in keys:
+            vals = np.asarray([r.get(k, np.nan) for r in self.rows], dtype=np.float64)
+            fin = vals[np.isfinite(vals)]
+            stats[k] = {"mean": float(fin.mean()) if fin.size else None, "std": float(fin.std()) if fin.size else None,
+                        "n": int(fin.size), "n_nonfinite": int(vals.size - fin.size)}
+        out["per_metric"] = stats
+
+        def mean(k: str, scale: float = 1.0) -> float | None:
+            m = stats.get(k, {}).get("mean")
+            return None if m is None else m * scale
+
+        # the paper's Table 1 reports DSC in %, HD and ASD in pixels of the 128x128 grid
+        out["table1"] = {"DSC": mean("dice", 100.0), "HD": mean("hd"), "ASD": mean("asd"),
+                         "nonpositive_jacobian_percent": mean("nonpositive_jacobian_percent"),
+                         "DSC_identity": mean("dice_identity", 100.0)}
+        if "score_in_lost" in stats:
+            out["score_map"] = {"mean_in_lost": mean("score_in_lost"), "mean_outside_lost": mean("score_outside_lost")}
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- inference
+class RegistrationInferenceWriter:
+    """Write each registered pair on the input grid: ``<name>_warped``, ``<name>_disp`` and ``<name>_warped_mask``.
+
+    The network's displacement (pixels of its ``h x w`` grid) is resampled onto the input ``H x W`` grid (bilinear,
+    ``align_corners=False`` like the input resize) and scaled by ``H / h``, ``W / w``; the original source image
+    (its own intensities) and, when given, its mask (one-hot linear warp) are warped with it. Files are NIfTI with
+    the target image's affine; the displacement is stored channel-last ``(H, W, 2)`` in voxels of the input grid,
+    channel ``k`` along array axis ``k``, pull-back ``warped(x) = source(x + disp(x))`` (the layout of the
+    repository's registration pairs). ``inference_summary.json`` lists the files and each pair's folding %.
+
+    Args:
+        output_dir: output folder (created).
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = Path(output_dir)
+        self.records: list[dict] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def __call__(self, engine) -> None:
+        import torch.nn.functional as F
+
+        from common.data.io import write_nifti
+        from common.data.pairs import read_pair_image
+
+        outputs = engine.state.output
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        items = _batch_items(engine)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for item, out in zip(items, outputs):
+            ddf = _plain(out["pred"]).detach().float().cpu()[None]
+            source, target, mask_path = item["source"], item["target"], item.get("source_mask") or ""
+            src, _, _ = read_pair_image(source)
+            _, affine, _ = read_pair_image(target)
+            h0, w0 = src.shape
+            h, w = ddf.shape[2:]
+            if (h, w) != (h0, w0):
+                ddf = F.interpolate(ddf, size=(h0, w0), mode="bilinear", align_corners=False)
+                ddf = ddf * torch.tensor([h0 / h, w0 / w]).view(1, 2, 1, 1)
+            warped = _warp_image(torch.from_numpy(src)[None, None], ddf)[0, 0].numpy()
+            name = str(item["name"])
+            rec = {"pair": name, "source": str(source), "target": str(target),
+                   "warped": str(write_nifti(self.output_dir / f"{name}_warped.nii.gz", warped, affine)),
+                   "displacement": str(write_nifti(self.output_dir / f"{name}_disp.nii.gz",
+                                                   np.ascontiguousarray(ddf[0].permute(1, 2, 0).numpy()), affine)),
+                   "nonpositive_jacobian_percent": float(nonpositive_jacobian_percent(ddf)[0]),
+                   "mean_displacement_pixels": float(ddf.norm(dim=1).mean())}
+            if mask_path:
+                mask, _, _ = read_pair_image(mask_path)
+                if mask.shape != src.shape:
+                    raise DataError(f"{mask_path}: mask shape {mask.shape} differs from source {src.shape}")
+                labels = torch.from_numpy(np.rint(mask).astype(np.int64))[None, None]
+                if int(labels.min()) < 0:
+                    raise DataError(f"{mask_path}: mask has negative labels")
+                wm = warp_mask(labels, ddf)[0, 0].numpy().astype(np.uint8)
+                rec["warped_mask"] = str(write_nifti(self.output_dir / f"{name}_warped_mask.nii.gz", wm, affine))
+            self.records.append(rec)
+            engine.logger.info(f"{name}: wrote {rec['warped']}")
+
+    def _completed(self, engine) -> None:
+        from common.engines.handlers import write_json_atomic
+
+        path = write_json_atomic(self.output_dir / "inference_summary.json", {"pairs": self.records})
+        engine.logger.info(f"{len(self.records)} pair(s) registered; summary {path}")
+
