@@ -116,7 +116,9 @@ def test_train_evaluate_inference_cli(trained_bundle, adacs_env, adacs, tmp_path
     inputs = tmp_path / "pairs_in"
     shapes = _inference_inputs(inputs, Path(adacs_env["ADACS_CACHE"]))
     pred = tmp_path / "pred"
-    adacs.run_bundle(["inference.json"], {**adacs.TINY_NETS, "bundle_root": str(trained_bundle),
+    # inference builds only f: the scoring net's settings are not inference keys (unknown overrides fail)
+    infer_nets = {k: v for k, v in adacs.TINY_NETS.items() if k != "scoring_channels"}
+    adacs.run_bundle(["inference.json"], {**infer_nets, "bundle_root": str(trained_bundle),
                                           "input_path": str(inputs), "output_dir": str(pred)}, adacs_env, cwd=tmp_path)
     summary = json.loads((pred / "inference_summary.json").read_text())
     assert sorted(r["pair"] for r in summary["pairs"]) == ["caseA", "caseB", "caseC"]
