@@ -6,7 +6,7 @@ import importlib
 
 import fire
 
-BENCHMARKS = ("sinkhorn", "cost_volume")
+BENCHMARKS = ("sinkhorn", "cost_volume", "specknet")
 
 
 def _runner(name: str):

@@ -1,0 +1,1244 @@
+"""Point-tracking workflow for SpeckNet on MONAI/ignite engines (METHODS.md §4, the ``specknet_tracking`` bundle).
+
+Training (paper Sec. 4.4 and 5.1): clips of ``clip_len = 36`` frames, a random query frame per clip, weighted L1 on
+visible points (:class:`TrackingPredLoss` over :mod:`common.losses.tracking`), AdamW lr 5e-4 / weight decay 1e-6, a
+one-cycle schedule stepped every iteration, gradient-norm clipping at 5 (:class:`GradientClipping`). The
+impartial-motion augmentation (:func:`common.transforms.video.impartial_motion_augmentation`) is switched by
+``augment``; ``augment=False`` is the paper's baseline training (clips and query frame only). Validation queries
+every video at ``int(0.72 T)`` (diastasis).
+
+Evaluation (:class:`TrackingEvaluator` + :class:`TrackingMetrics` + :class:`TrackingReport`): per video the
+features are computed once and tracked from the validation query frame (timed: AIT; peak memory: PGM) and, for the
+temporal-invariance curve, from query frames at phases ``0 .. 100 %`` of the video. TAP-Vid ``delta_x`` for
+``x in (1, 2, 4, 8, 16)`` at 256 x 256, ``delta_avg`` and MTE (query frame excluded) in the original video's pixel
+grid, the zero-motion baseline (tracks = query points), GLS against the reference GLS stored with each video (MAD),
+per dataset and overall.
+
+Inference (:class:`LoadVideod`, :class:`QueryPointsd`, :class:`TrackingPredictionWriter`): a video (HDF5, NIfTI
+2D+t, MetaImage, multi-frame DICOM) and query points given in a JSON/CSV file, or derived as ``n_points``
+equidistant points on the myocardial centre line of a mask (a file, e.g. a ``botm_seg`` prediction, or the
+``labels`` of a tracking HDF5 file) at the query frame ``int(0.72 T)``; outputs tracks + confidence + visibility in
+HDF5 and JSON, GLS and the strain curve in JSON, and PNGs of the tracks over the first frame and of the strain curve.
+
+Sample keys (one video): ``image`` (1, T, S, S) float32 in [-1, 1] (network input, ``S = image_size``);
+``query_points`` (N, 2) and ``query_frames`` (N,) in network pixels; ``label`` (T, N, 3) = network-pixel reference
+``(x, y)`` and a loss weight (visible, not on the query frame, visible on the query frame); ``tracks`` (T, N, 2) /
+``visible`` (T, N) the reference in original pixels; ``orig_size`` (H, W). Coordinates follow the data pipeline's
+pixel-centre convention (pixel ``[r, c]`` at ``(x=c, y=r)``); resizing maps ``x -> (x + 0.5) * S / W - 0.5``.
+
+Choices the paper does not state
+--------------------------------
+1. Epoch: every training video contributes as many clips per epoch as it has ~50 %-overlap segments (the paper's
+   "8,620 clips" from 1,922 videos); each draw picks one segment at random (:func:`expand_by_segments`).
+2. Frame skipping is capped so that at least ``skip_min_frames`` (default ``clip_len // 2``) real frames remain; an
+   uncapped skip of 5 leaves a 40-frame video with 7 frames and a clip of mostly padding.
+3. Points not visible on their query frame get no loss and no metric (their query location is not tissue).
+4. Videos are resized to ``image_size`` (512 in the paper) after augmentation (cheaper for upsampled clips); the
+   intensities of 8-bit videos map to ``[-1, 1]`` as ``2 u / 255 - 1``, other dtypes by the video's min/max.
+5. Metrics are computed in the original pixel grid of each video, then scaled to 256 x 256 (TAP-Vid); the
+   temporal-invariance phases are ``int(p T)`` for ``p = 0, 0.1, ..., 1`` (capped at ``T - 1``).
+6. PGM: CUDA max allocated during the timed forward on GPU; on CPU the process peak RSS (``ru_maxrss``), which also
+   holds the Python runtime, the model and the data.
+7. Inference visibility: ``confidence >= visibility_threshold`` (0.5), the network's fraction of matching weight
+   inside the soft-argmax window; SpeckNet has no visibility head.
+8. "72 % of the cycle" is ``int(0.72 T)`` of the video, which assumes the video spans one cycle (ED to ED) as the
+   paper's recordings do; other recordings pass an explicit query frame.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import resource
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.metrics import Metric
+from monai.config import KeysCollection
+from monai.engines import SupervisedEvaluator
+from monai.engines.utils import IterationEvents
+from monai.transforms import MapTransform
+from monai.utils import CommonKeys as Keys
+from torch import Tensor, nn
+
+from common.data.centreline import centreline_points_from_mask
+from common.data.io import DataError
+from common.data.tracking import read_tracking_h5
+from common.data.video_io import (
+    check_query_points,
+    find_videos,
+    read_mask_frame,
+    read_query_points,
+    read_video,
+)
+from common.engines.handlers import write_json_atomic
+from common.losses.tracking import tracking_l1_loss
+from common.metrics.tracking import (
+    DELTA_THRESHOLDS,
+    TAPVID_SIZE,
+    global_longitudinal_strain,
+    gls_mad,
+    tracking_metrics,
+)
+from common.transforms.video import diastasis_frame, overlapping_segments
+
+__all__ = [
+    "DEFAULT_PHASES",
+    "as_bool",
+    "video_to_unit",
+    "scale_points",
+    "expand_by_segments",
+    "inference_datalist",
+    "LoadTrackingVideod",
+    "LoadVideod",
+    "QueryPointsd",
+    "ResizeVideod",
+    "TrackingInputsd",
+    "tracking_collate",
+    "TrackingPredLoss",
+    "GradientClipping",
+    "one_cycle_scheduler",
+    "TrackingEvaluator",
+    "TrackingMetrics",
+    "TrackingReport",
+    "summarise_rows",
+    "TrackingPredictionWriter",
+    "plot_tracks_on_frame",
+    "plot_strain_curve",
+    "plot_temporal_invariance",
+    "export_tracker",
+    "trace_tracker",
+    "load_exported_tracker",
+]
+
+DEFAULT_PHASES: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """A config switch as a bool: ``True``/``False``, 0/1, or the strings ``true/false/yes/no/on/off/1/0``.
+
+    ``python -m monai.bundle run ... --augment false`` passes the *string* ``"false"``, which Python treats as true;
+    this turns it into ``False`` and rejects anything else instead of silently switching the feature on.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.strip().lower() in ("true", "yes", "on", "1")
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def video_to_unit(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W) frames -> float32 in [0, 1]: ``u / 255`` for uint8, the video's min/max range otherwise."""
+    arr = np.asarray(frames)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    arr = arr.astype(np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros_like(arr)
+    return (arr - lo) / (hi - lo)
+
+
+def scale_points(points: Any, src_size: Sequence[int], dst_size: Sequence[int]) -> Any:
+    """Map ``(..., 2)`` ``(x, y)`` points from an ``src_size`` (H, W) image to a resized ``dst_size`` one.
+
+    Pixel-centre convention: ``x' = (x + 0.5) * W' / W - 0.5`` (what bilinear resizing with half-pixel centres does
+    to the image content). Works on numpy arrays and torch tensors.
+    """
+    sh, sw = float(src_size[0]), float(src_size[1])
+    dh, dw = float(dst_size[0]), float(dst_size[1])
+    if isinstance(points, Tensor):
+        factor = points.new_tensor([dw / sw, dh / sh])
+    else:
+        points = np.asarray(points, dtype=np.float64)
+        factor = np.array([dw / sw, dh / sh])
+    out = (points + 0.5) * factor - 0.5
+    return out if isinstance(points, Tensor) else out.astype(np.float32)
+
+
+def _size2(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    vals = tuple(int(s) for s in size)
+    if len(vals) != 2:
+        raise ValueError(f"image_size must be an int or (H, W), got {size!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _dataset_name(entry_id: str, attrs: Mapping, root_name: str) -> str:
+    """Dataset a video belongs to: its ``dataset`` attribute, else its top sub-folder, else the root folder."""
+    if attrs.get("dataset"):
+        return str(attrs["dataset"])
+    parts = Path(entry_id).parts
+    return parts[0] if len(parts) > 1 else root_name
+
+
+def expand_by_segments(datalist: Sequence[dict], clip_len: int = 36, overlap: float = 0.5) -> list[dict]:
+    """Repeat each entry once per ~``overlap`` segment of ``clip_len`` frames (needs ``n_frames`` in the entries).
+
+    One epoch then draws as many clips as the videos have segments (the paper's clip count); which segment a draw
+    uses is left to :class:`~common.transforms.video.SampleClipd` (random).
+    """
+    out = []
+    for e in datalist:
+        if "n_frames" not in e:
+            raise ValueError(f"expand_by_segments: entry {e.get('id', e)} has no 'n_frames' (build the datalist "
+                             "with validate=True)")
+        out += [dict(e) for _ in overlapping_segments(int(e["n_frames"]), clip_len, overlap)]
+    return out
+
+
+def inference_datalist(input_path: str | Path) -> list[dict]:
+    """``[{"image": path}, ...]`` for a video file or every video file under a folder (named errors)."""
+    return [{"image": str(p)} for p in find_videos(input_path)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transforms
+
+
+class LoadTrackingVideod(MapTransform):
+    """Load a tracking-layout HDF5 file named by ``data[key]`` (a datalist entry of
+    :func:`common.data.tracking.tracking_datalist`).
+
+    Writes ``video`` (T, H, W) float32 in [0, 1], ``tracks`` (T, N, 2) float32, ``visible`` (T, N) bool,
+    ``orig_size`` (2,) int64 (H, W), ``ed``/``es`` ints, ``spacing`` (2,) float32 mm, ``gls_reference`` float (NaN
+    when absent), ``n_frames`` int, ``dataset`` str, ``id`` str and ``path`` str. Other entry keys are dropped so
+    that every sample collates the same way.
+
+    Args:
+        keys: the datalist key holding the file path.
+        root: the dataset folder; its name is the dataset of videos that are neither in a sub-folder nor carry a
+            ``dataset`` attribute (per-dataset metrics).
+    """
+
+    def __init__(self, keys: KeysCollection = "video", root: str | None = None) -> None:
+        super().__init__(keys)
+        self.root_name = Path(root).name if root else "dataset"
+
+    def __call__(self, data: Mapping) -> dict:
+        key = self.first_key(data)
+        path = str(data[key])
+        v = read_tracking_h5(path)
+        t, h, w = v["video"].shape
+        gls = v.get("gls_reference")
+        entry_id = str(data.get("id", Path(path).stem))
+        return {
+            "video": video_to_unit(v["video"]),
+            "tracks": v["tracks"].astype(np.float32),
+            "visible": v["visible"].astype(bool),
+            "orig_size": np.array([h, w], dtype=np.int64),
+            "ed": int(v["ed_frame"]),
+            "es": int(v["es_frame"]),
+            "spacing": np.array([float(v["pixel_spacing_mm"])] * 2, dtype=np.float32),
+            "gls_reference": float(gls) if isinstance(gls, (int, float)) else float("nan"),
+            "n_frames": int(t),
+            "dataset": _dataset_name(entry_id, v, self.root_name),
+            "id": entry_id,
+            "path": path,
+        }
+
+
+class LoadVideod(MapTransform):
+    """Inference loader: read the video file named by ``data[key]`` with :func:`common.data.video_io.read_video`.
+
+    Writes ``video`` (T, H, W) float32 in [0, 1], ``first_frame`` (H, W) float32 (for the overlay PNG),
+    ``orig_size``, ``n_frames``, ``fps`` (NaN if unknown), ``spacing`` (2,) (NaN if unknown), ``ed``/``es`` (-1 if
+    unknown), ``gls_reference`` (NaN if absent), ``id`` (file stem), ``path`` and ``source``; the HDF5 extras
+    ``tracks``/``visible``/``labels`` are kept under ``ref_tracks``/``ref_visible``/``ref_labels`` for
+    :class:`QueryPointsd` and are removed there.
+    """
+
+    def __init__(self, keys: KeysCollection = "image") -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: Mapping) -> dict:
+        key = self.first_key(data)
+        vid = read_video(data[key])
+        unit = video_to_unit(vid.frames)
+        ex = vid.extras
+        name = vid.path.name
+        stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else vid.path.stem
+        gls = ex.get("gls_reference")
+        out = {
+            "video": unit,
+            "first_frame": unit[0].copy(),
+            "orig_size": np.array(vid.image_size, dtype=np.int64),
+            "n_frames": vid.n_frames,
+            "fps": float(vid.fps) if vid.fps else float("nan"),
+            "spacing": np.array(vid.spacing if vid.spacing else (np.nan, np.nan), dtype=np.float32),
+            "ed": int(ex["ed_frame"]) if isinstance(ex.get("ed_frame"), int) else -1,
+            "es": int(ex["es_frame"]) if isinstance(ex.get("es_frame"), int) else -1,
+            "gls_reference": float(gls) if isinstance(gls, (int, float)) else float("nan"),
+            "id": stem,
+            "path": str(vid.path),
+            "source": vid.source,
+        }
+        for k in ("tracks", "visible", "labels"):
+            if k in ex:
+                out[f"ref_{k}"] = ex[k]
+        return out
+
+
+def _sidecar(folder: Path, stem: str, suffixes: Sequence[str]) -> Path | None:
+    for s in suffixes:
+        for cand in (folder / f"{stem}{s}", *sorted(folder.glob(f"{stem}*{s}"))):
+            if cand.is_file():
+                return cand
+    return None
+
+
+class QueryPointsd(MapTransform):
+    """Resolve the query points of an inference video (original pixels) into ``query_points_orig`` (N, 2) and
+    ``query_frames_orig`` (N,), plus ``query_source`` (a description for the outputs).
+
+    Sources, in this order with ``source="auto"``:
+
+    1. ``points_path``: a JSON/CSV file (used for every video) or a folder with ``<video stem>.json|.csv``;
+       a file without a frame uses the default query frame;
+    2. ``mask_path``: a mask file or a folder with ``<video stem>*.nii.gz|.nii|.png`` (e.g. ``botm_seg``
+       predictions): ``n_points`` equidistant centre-line points of label ``myo_label`` at the query frame;
+    3. the ``labels`` stored in a tracking HDF5 file: the same centre-line rule;
+    4. the reference ``tracks`` stored in a tracking HDF5 file, at the query frame (visible points).
+
+    ``source`` may force one of ``"points"``, ``"mask"``, ``"labels"``, ``"tracks"``. The default query frame is
+    ``query_frame`` if >= 0, else ``int(query_fraction * T)`` (0.72: diastasis). Points outside the image or frames
+    outside the video raise a ``DataError`` naming the file.
+    """
+
+    def __init__(self, points_path: str | None = None, mask_path: str | None = None, n_points: int = 32,
+                 query_fraction: float = 0.72, query_frame: int = -1, myo_label: int = 2,
+                 source: str = "auto") -> None:
+        super().__init__(keys=("video",))
+        if source not in ("auto", "points", "mask", "labels", "tracks"):
+            raise ValueError(f"QueryPointsd: source must be auto/points/mask/labels/tracks, got {source!r}")
+        if int(n_points) < 2:
+            raise ValueError(f"QueryPointsd: n_points must be >= 2, got {n_points}")
+        diastasis_frame(1, query_fraction)  # validates the fraction
+        self.points_path = Path(points_path) if points_path else None
+        self.mask_path = Path(mask_path) if mask_path else None
+        self.n_points, self.query_fraction, self.query_frame = int(n_points), float(query_fraction), int(query_frame)
+        self.myo_label, self.source = int(myo_label), source
+        for name, p in (("query_points_path", self.points_path), ("mask_path", self.mask_path)):
+            if p is not None and not p.exists():
+                raise FileNotFoundError(f"{name} {str(p)!r} does not exist")
+
+    def _default_frame(self, t: int, path: str) -> int:
+        if self.query_frame >= 0:
+            if self.query_frame >= t:
+                raise DataError(f"{path}: query_frame {self.query_frame} is outside the video's {t} frames")
+            return self.query_frame
+        return diastasis_frame(t, self.query_fraction)
+
+    def _from_points(self, d: dict, t: int) -> tuple[np.ndarray, np.ndarray, str] | None:
+        if self.points_path is None:
+            return None
+        f = self.points_path
+        if f.is_dir():
+            f = _sidecar(f, d["id"], (".json", ".csv"))
+            if f is None:
+                return None
+        qp = read_query_points(f)
+        frames = qp.frames if qp.frames is not None else np.full(len(qp.points), self._default_frame(t, d["path"]))
+        return qp.points, frames, str(f)
+
+    def _centreline(self, mask: np.ndarray, where: str) -> np.ndarray:
+        try:
+            return centreline_points_from_mask(mask, self.n_points, myo_label=self.myo_label)
+        except ValueError as e:
+            raise DataError(f"{where}: cannot derive centre-line query points: {e}") from e
+
+    def _from_mask(self, d: dict, t: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str] | None:
+        if self.mask_path is None:
+            return None
+        f = self.mask_path
+        if f.is_dir():
+            f = _sidecar(f, d["id"], (".nii.gz", ".nii", ".png", ".mhd"))
+            if f is None:
+                return None
+        q = self._default_frame(t, d["path"])
+        pts = self._centreline(read_mask_frame(f, q, size), str(f))
+        return pts, np.full(len(pts), q), f"{f} (centre line, frame {q})"
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        t = int(d["n_frames"])
+        size = (int(d["orig_size"][0]), int(d["orig_size"][1]))
+        path = d["path"]
+        order = ("points", "mask", "labels", "tracks") if self.source == "auto" else (self.source,)
+        found = None
+        for src in order:
+            if src == "points":
+                found = self._from_points(d, t)
+            elif src == "mask":
+                found = self._from_mask(d, t, size)
+            elif src == "labels" and "ref_labels" in d:
+                q = self._default_frame(t, path)
+                pts = self._centreline(d["ref_labels"][q], f"{path} ('labels' frame {q})")
+                found = (pts, np.full(len(pts), q), f"{path} labels (centre line, frame {q})")
+            elif src == "tracks" and "ref_tracks" in d:
+                q = self._default_frame(t, path)
+                vis = d["ref_visible"][q]
+                if not vis.any():
+                    raise DataError(f"{path}: no reference point is visible on the query frame {q}")
+                pts = d["ref_tracks"][q][vis]
+                found = (pts, np.full(len(pts), q), f"{path} tracks (frame {q})")
+            if found is not None:
+                break
+        if found is None:
+            raise DataError(
+                f"{path}: no query points for this video (source {self.source!r}); pass --query_points_path (JSON/CSV) "
+                "or --mask_path (a myocardium mask), or use a tracking HDF5 file with 'labels' or 'tracks'"
+            )
+        pts, frames, desc = found
+        check_query_points(pts, frames, t, size, desc)
+        for k in ("ref_tracks", "ref_visible", "ref_labels"):
+            d.pop(k, None)
+        d["query_points_orig"] = np.asarray(pts, dtype=np.float32)
+        d["query_frames_orig"] = np.asarray(frames, dtype=np.int64)
+        d["query_source"] = desc
+        return d
+
+
+class ResizeVideod(MapTransform):
+    """Resize ``video`` (T, H, W) to ``image_size`` (bilinear, half-pixel centres, antialiased when shrinking) and
+    map point arrays accordingly (:func:`scale_points`).
+
+    Args:
+        image_size: int or (H', W') network input size (multiples of 16 for SpeckNet).
+        point_keys: ``(..., 2)`` point arrays to map: a sequence (mapped in place) or ``{source: destination}``.
+    """
+
+    def __init__(self, image_size: int | Sequence[int], keys: KeysCollection = "video",
+                 point_keys: Sequence[Hashable] | Mapping[Hashable, Hashable] = ("tracks",),
+                 allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.size = _size2(image_size)
+        self.point_keys = dict(point_keys) if isinstance(point_keys, Mapping) else {k: k for k in point_keys}
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            v = torch.as_tensor(np.asarray(d[key], dtype=np.float32))
+            if v.ndim != 3:
+                raise ValueError(f"ResizeVideod: {key!r} must be (T, H, W), got {tuple(v.shape)}")
+            src = (int(v.shape[1]), int(v.shape[2]))
+            if src != self.size:
+                shrink = self.size[0] < src[0] or self.size[1] < src[1]
+                v = F.interpolate(v[None], size=self.size, mode="bilinear", align_corners=False, antialias=shrink)[0]
+            d[key] = v.numpy()
+            for src_key, dst_key in self.point_keys.items():
+                if src_key in d:
+                    d[dst_key] = scale_points(d[src_key], src, self.size)
+        return d
+
+
+class TrackingInputsd(MapTransform):
+    """Build the network inputs (and the loss target) of one sample.
+
+    Reads ``video`` (T, S, S) in [0, 1] and either ``tracks_key`` (network-pixel tracks) + ``visible`` +
+    ``query_frame`` (training/evaluation: the query points are the reference tracks on the query frame) or
+    ``query_points`` (network pixels) + ``query_frames_orig`` (inference). Writes ``image`` (1, T, S, S) float32 in
+    [-1, 1], ``query_points`` (N, 2) float32, ``query_frames`` (N,) int64 and, with reference tracks, ``label``
+    (T, N, 3) float32 ``(x, y, weight)``, the weight being 1 where the point is visible, visible on the query frame
+    and not on the query frame itself.
+
+    Args:
+        tracks_key: network-pixel reference tracks (T, N, 2).
+        drop: keys removed afterwards (the large ``video`` once ``image`` exists; the references in training).
+    """
+
+    def __init__(self, tracks_key: Hashable = "tracks", drop: Sequence[Hashable] = ("video",)) -> None:
+        super().__init__(keys=("video",))
+        self.tracks_key = tracks_key
+        self.drop = tuple(drop)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        video = np.asarray(d["video"], dtype=np.float32)
+        t = video.shape[0]
+        d["image"] = np.clip(2.0 * video - 1.0, -1.0, 1.0)[None]
+        if self.tracks_key in d:
+            tracks = np.asarray(d[self.tracks_key], dtype=np.float32)
+            visible = np.asarray(d["visible"], dtype=bool)
+            q = int(d["query_frame"])
+            if tracks.shape[0] != t or visible.shape != tracks.shape[:2]:
+                raise ValueError(f"TrackingInputsd: tracks {tracks.shape} / visible {visible.shape} do not match a "
+                                 f"{t}-frame video")
+            weight = visible & visible[q][None, :]
+            weight[q] = False  # the query point is an input, not a prediction (its error is 0 by construction)
+            d["query_points"] = tracks[q].copy()
+            d["query_frames"] = np.full(tracks.shape[1], q, dtype=np.int64)
+            d["label"] = np.concatenate([tracks, weight[..., None].astype(np.float32)], axis=-1)
+        else:
+            if "query_points" not in d or "query_frames_orig" not in d:
+                raise KeyError("TrackingInputsd: needs reference tracks or 'query_points' + 'query_frames_orig'")
+            d["query_points"] = np.asarray(d["query_points"], dtype=np.float32)
+            d["query_frames"] = np.asarray(d["query_frames_orig"], dtype=np.int64)
+        for k in self.drop:
+            d.pop(k, None)
+        return d
+
+
+# point-axis position of the keys that tracking_collate pads to the largest N of a batch
+_POINT_AXIS = {"query_points": 0, "query_frames": 0, "label": 1, "tracks": 1, "visible": 1,
+               "query_points_orig": 0, "query_frames_orig": 0, "tracks_net": 1}
+
+
+def tracking_collate(batch: Sequence[Mapping]) -> dict:
+    """Collate samples whose point count ``N`` differs: point arrays are zero-padded to the largest ``N`` (padded
+    points get loss/metric weight 0 through ``label`` and ``visible``); ``n_points`` holds the true counts.
+
+    Arrays and numbers become stacked tensors, strings lists; keys must be the same in every sample.
+    """
+    if not batch:
+        raise ValueError("tracking_collate: empty batch")
+    keys = list(batch[0].keys())
+    for i, s in enumerate(batch):
+        if list(s.keys()) != keys:
+            raise ValueError(f"tracking_collate: sample {i} has keys {sorted(s)}, sample 0 has {sorted(keys)}")
+    out: dict[str, Any] = {}
+    n_points = None
+    for k in keys:
+        vals = [s[k] for s in batch]
+        if isinstance(vals[0], str):
+            out[k] = list(vals)
+            continue
+        if isinstance(vals[0], (bool, int, float, np.integer, np.floating)):
+            out[k] = torch.as_tensor(np.asarray(vals))
+            continue
+        arrs = [torch.as_tensor(np.asarray(v)) for v in vals]
+        if k in _POINT_AXIS:
+            ax = _POINT_AXIS[k]
+            counts = [a.shape[ax] for a in arrs]
+            n_max = max(counts)
+            if n_points is None and k in ("query_points", "query_points_orig"):
+                n_points = counts
+            padded = []
+            for a in arrs:
+                if a.shape[ax] < n_max:
+                    shape = list(a.shape)
+                    shape[ax] = n_max - a.shape[ax]
+                    a = torch.cat([a, a.new_zeros(shape)], dim=ax)
+                padded.append(a)
+            arrs = padded
+        try:
+            out[k] = torch.stack(arrs, 0)
+        except RuntimeError as e:
+            raise ValueError(f"tracking_collate: key {k!r} has shapes {[tuple(a.shape) for a in arrs]} in one batch "
+                             "(videos of different length need batch_size 1)") from e
+    if n_points is not None:
+        out["n_points"] = torch.as_tensor(n_points)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training pieces
+
+
+class TrackingPredLoss(nn.Module):
+    """Weighted L1 on the bundle's packed tensors: ``pred (B, T, N, 3)`` = (x, y, confidence) against
+    ``label (B, T, N, 3)`` = (x, y, weight); see :func:`common.losses.tracking.tracking_l1_loss` (masked mean)."""
+
+    def forward(self, pred: Tensor, label: Tensor) -> Tensor:
+        if pred.shape[-1] != 3 or label.shape != pred.shape:
+            raise ValueError(f"TrackingPredLoss: pred and label must both be (B, T, N, 3), got {tuple(pred.shape)} "
+                             f"and {tuple(label.shape)}")
+        return tracking_l1_loss(pred[..., :2], label[..., :2], label[..., 2])
+
+
+class GradientClipping:
+    """Clip the gradient norm after every backward pass of a MONAI trainer (paper: 5), before the optimizer step.
+
+    Attaches to ``IterationEvents.BACKWARD_COMPLETED``; with AMP the gradients are unscaled first.
+    """
+
+    def __init__(self, max_norm: float = 5.0) -> None:
+        if not max_norm > 0:
+            raise ValueError(f"GradientClipping: max_norm must be positive, got {max_norm}")
+        self.max_norm = float(max_norm)
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+def one_cycle_scheduler(optimizer: torch.optim.Optimizer, max_lr: float, epochs: int, steps_per_epoch: int,
+                        pct_start: float = 0.3) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle schedule (Smith & Topin) over ``epochs * steps_per_epoch`` iterations, stepped per iteration."""
+    total = int(epochs) * int(steps_per_epoch)
+    if total < 1:
+        raise ValueError(f"one_cycle_scheduler: epochs * steps_per_epoch must be >= 1, got {epochs} * "
+                         f"{steps_per_epoch} (is the training set empty?)")
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=float(max_lr), total_steps=total,
+                                               pct_start=pct_start)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation / inference engine
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    return network.module if hasattr(network, "module") and not hasattr(network, "encode") else network
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class TrackingEvaluator(SupervisedEvaluator):
+    """A ``SupervisedEvaluator`` for point tracking: one encoder pass per video, tracking from the sample's query
+    points (timed) and, with ``phases``, from the reference tracks at query frames ``int(p T)``.
+
+    Takes the same arguments as ``SupervisedEvaluator`` plus ``phases`` (fractions of the video, e.g.
+    :data:`DEFAULT_PHASES`; empty: no temporal-invariance sweep). ``decollate`` defaults to False (outputs are
+    whole videos). The network must be a SpeckNet (``encode``/``track``), possibly wrapped in DDP.
+
+    ``engine.state.output`` holds ``pred`` (B, T, N, 3) in network pixels (on CPU), ``time_s`` (seconds of the
+    timed forward), ``peak_memory_bytes`` and, with ``phases``, ``phase_preds`` = ``{p: (pred (B, T, N, 3), q)}``.
+    """
+
+    def __init__(self, *args: Any, phases: Sequence[float] = (), decollate: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, decollate=decollate, **kwargs)
+        self.phases = tuple(float(p) for p in phases)
+        for p in self.phases:
+            diastasis_frame(1, p)
+
+    def _iteration(self, engine: Any, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        device = torch.device(engine.state.device)
+        image = batchdata["image"].to(device=device, dtype=torch.float32)
+        qp = batchdata["query_points"].to(device=device, dtype=torch.float32)
+        qf = batchdata["query_frames"].to(device=device, dtype=torch.long)
+        net = _unwrap(engine.network)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        video = image.transpose(1, 2)  # (B, C, T, H, W) -> (B, T, C, H, W)
+        with engine.mode(engine.network), torch.no_grad():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            feats = net.encode(video)
+            out = net.track(feats, qp, qf, size)
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+            peak = _peak_memory_bytes(device)
+            pred = torch.cat([out["tracks"], out["confidence"][..., None]], -1).cpu()
+            phase_preds = {}
+            if self.phases and "label" in batchdata:
+                label = batchdata["label"].to(device=device, dtype=torch.float32)
+                t = label.shape[1]
+                for p in self.phases:
+                    q = diastasis_frame(t, p)
+                    o = net.track(feats, label[:, q, :, :2], q, size)
+                    phase_preds[p] = (torch.cat([o["tracks"], o["confidence"][..., None]], -1).cpu(), q)
+        engine.state.output = {Keys.PRED: pred, "time_s": elapsed, "peak_memory_bytes": peak,
+                               "phase_preds": phase_preds}
+        if "label" in batchdata:
+            engine.state.output[Keys.LABEL] = batchdata["label"]
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def _gather_rows(rows: list[dict]) -> list[dict]:
+    """Concatenate per-rank row lists in rank order (the order MetricsSaver uses for file names), once per video."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    # an evenly divisible DistributedSampler repeats videos to fill the last rank: count each video once
+    seen: set[str] = set()
+    out = []
+    for r in (r for part in parts for r in part):
+        if r["id"] not in seen:
+            seen.add(r["id"])
+            out.append(r)
+    return out
+
+
+def _to_orig(pred_xy: Tensor, size_net: tuple[int, int], orig_size: Sequence[int]) -> np.ndarray:
+    return scale_points(pred_xy.double().numpy(), size_net, orig_size)
+
+
+def _metric_pair(pred: np.ndarray, ref: np.ndarray, vis: np.ndarray, q: int, size: Sequence[int],
+                 thresholds: Sequence[float]) -> dict:
+    """tracking_metrics with trajectories invisible on the query frame excluded (their query is not tissue)."""
+    vis = vis & vis[q][None, :]
+    if not vis.any():
+        return {}
+    return tracking_metrics(pred, ref, vis, q, tuple(int(s) for s in size), thresholds=thresholds)
+
+
+class TrackingMetrics(Metric):
+    """Ignite metric over a :class:`TrackingEvaluator` epoch: TAP-Vid metrics, zero-motion baseline, AIT, PGM,
+    GLS MAD, the temporal-invariance curve and per-dataset tables.
+
+    ``compute()`` returns a dict of scalars that ignite flattens into ``engine.state.metrics``: ``delta_1`` ..
+    ``delta_16``, ``delta_avg``, ``mte``, ``zero_motion_delta_avg``, ``zero_motion_mte``, ``ait_s``, ``pgm_gb``,
+    ``n_videos`` and, when references exist, ``gls_mad``. Register it under the name ``delta_avg`` to use
+    ``delta_avg`` as key metric. On completion it also sets ``engine.state.metric_details`` (per-video columns, for
+    MONAI's ``MetricsSaver``) and ``engine.state.tracking_report`` (per-video rows, per-dataset table,
+    temporal-invariance curve). In distributed evaluation the rows of all ranks are gathered (rank order).
+
+    Args:
+        thresholds: ``delta_x`` thresholds (256-scale pixels).
+        compute_gls: compute GLS of the predicted tracks (assumes ordered centre-line points).
+    """
+
+    def __init__(self, thresholds: Sequence[float] = DELTA_THRESHOLDS, compute_gls: bool = True) -> None:
+        self.thresholds = tuple(thresholds)
+        self.compute_gls = bool(compute_gls)
+        self._rows: list[dict] = []
+        self._all_rows: list[dict] = []
+        super().__init__(output_transform=lambda out: out, device="cpu", metrics_result_mode="flatten")
+
+    def reset(self) -> None:
+        self._rows = []
+
+    def iteration_completed(self, engine: Any) -> None:
+        # the rows need the batch (reference tracks, sizes, ids) as well as the output, so read the engine directly
+        self.update(engine)
+
+    def completed(self, engine: Any, name: str) -> None:
+        super().completed(engine, name)
+        self.publish(engine)
+
+    # -- per iteration
+    def update(self, engine: Any) -> None:
+        out, batch = engine.state.output, engine.state.batch
+        pred_all = out[Keys.PRED]
+        size_net = (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
+        for b in range(pred_all.shape[0]):
+            n = int(batch["n_points"][b]) if "n_points" in batch else pred_all.shape[2]
+            orig = [int(v) for v in batch["orig_size"][b]]
+            ref = batch["tracks"][b, :, :n].double().numpy()
+            vis = batch["visible"][b, :, :n].numpy().astype(bool)
+            q = int(batch["query_frames"][b, 0])
+            pred = _to_orig(pred_all[b, :, :n, :2], size_net, orig)
+            row: dict[str, Any] = {"id": batch["id"][b], "dataset": batch["dataset"][b], "n_frames": int(ref.shape[0]),
+                                   "n_points": n, "query_frame": q, "time_s": float(out["time_s"]) / pred_all.shape[0],
+                                   "peak_memory_bytes": int(out["peak_memory_bytes"])}
+            m = _metric_pair(pred, ref, vis, q, orig, self.thresholds)
+            row.update({k: float(v) for k, v in m.items()})
+            zero = np.broadcast_to(ref[q], ref.shape)
+            mz = _metric_pair(zero, ref, vis, q, orig, self.thresholds)
+            if mz:
+                row["zero_motion_delta_avg"], row["zero_motion_mte"] = float(mz["delta_avg"]), float(mz["mte"])
+            row["mean_confidence"] = float(pred_all[b, :, :n, 2].mean())
+            if self.compute_gls and n >= 2:
+                ed, es = int(batch["ed"][b]), int(batch["es"][b])
+                spacing = [float(s) for s in batch["spacing"][b]]
+                try:
+                    res = global_longitudinal_strain(pred, ed_frame=ed, es_frame=es, spacing=spacing)
+                    row["gls"] = res.gls
+                except ValueError:
+                    row["gls"] = float("nan")
+                row["gls_reference"] = float(batch["gls_reference"][b])
+            for p, (pp, qp) in out.get("phase_preds", {}).items():
+                mp = _metric_pair(_to_orig(pp[b, :, :n, :2], size_net, orig), ref, vis, qp, orig, self.thresholds)
+                if mp:
+                    row[f"phase_{p:.2f}_delta_avg"] = float(mp["delta_avg"])
+                    row[f"phase_{p:.2f}_mte"] = float(mp["mte"])
+            self._rows.append(row)
+
+    # -- per epoch
+    def compute(self) -> dict:
+        rows = _gather_rows(self._rows)
+        self._all_rows = rows
+        if not rows:
+            raise RuntimeError("TrackingMetrics: no video was evaluated (empty evaluation set?)")
+        out: dict[str, float] = {}
+        keys = [f"delta_{t:g}" for t in self.thresholds] + ["delta_avg", "mte", "zero_motion_delta_avg",
+                                                            "zero_motion_mte"]
+        for k in keys:
+            vals = [r[k] for r in rows if k in r and math.isfinite(r[k])]
+            if vals:
+                out[k] = float(np.mean(vals))
+        out["ait_s"] = float(np.mean([r["time_s"] for r in rows]))
+        out["pgm_gb"] = float(max(r["peak_memory_bytes"] for r in rows) / 1e9)
+        out["n_videos"] = float(len(rows))
+        pairs = [(r["gls"], r["gls_reference"]) for r in rows
+                 if "gls" in r and math.isfinite(r["gls"]) and math.isfinite(r.get("gls_reference", float("nan")))]
+        if pairs:
+            out["gls_mad"] = gls_mad([p[0] for p in pairs], [p[1] for p in pairs])
+        return out
+
+    def publish(self, engine: Any) -> None:
+        rows = self._all_rows
+        details = {}
+        for k in ("delta_avg", "mte", "gls"):
+            details[k] = torch.tensor([[r.get(k, float("nan"))] for r in rows], dtype=torch.float64)
+        if not hasattr(engine.state, "metric_details") or engine.state.metric_details is None:
+            engine.state.metric_details = {}
+        engine.state.metric_details.update(details)
+        engine.state.tracking_report = summarise_rows(rows)
+
+
+def _mean(vals: list[float]) -> float | None:
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarise_rows(rows: list[dict]) -> dict:
+    """Per-dataset means, the temporal-invariance curve (overall and per dataset) and the per-video rows."""
+    datasets = sorted({r["dataset"] for r in rows})
+    metric_keys = ["delta_1", "delta_2", "delta_4", "delta_8", "delta_16", "delta_avg", "mte", "zero_motion_delta_avg",
+                   "zero_motion_mte", "time_s", "gls"]
+    per_dataset = {}
+    for ds in datasets:
+        sub = [r for r in rows if r["dataset"] == ds]
+        entry = {k: _mean([r.get(k, float("nan")) for r in sub]) for k in metric_keys}
+        entry["n_videos"] = len(sub)
+        entry["peak_memory_gb"] = max(r["peak_memory_bytes"] for r in sub) / 1e9
+        pairs = [(r["gls"], r["gls_reference"]) for r in sub
+                 if math.isfinite(r.get("gls", float("nan"))) and math.isfinite(r.get("gls_reference", float("nan")))]
+        entry["gls_mad"] = gls_mad([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
+        per_dataset[ds] = entry
+    phases = sorted({float(k.split("_")[1]) for r in rows for k in r if k.startswith("phase_") and
+                     k.endswith("_delta_avg")})
+    curve = []
+    for p in phases:
+        row = {"phase": p, "delta_avg": _mean([r.get(f"phase_{p:.2f}_delta_avg", float("nan")) for r in rows]),
+               "mte": _mean([r.get(f"phase_{p:.2f}_mte", float("nan")) for r in rows])}
+        for ds in datasets:
+            sub = [r for r in rows if r["dataset"] == ds]
+            row[f"{ds}/delta_avg"] = _mean([r.get(f"phase_{p:.2f}_delta_avg", float("nan")) for r in sub])
+            row[f"{ds}/mte"] = _mean([r.get(f"phase_{p:.2f}_mte", float("nan")) for r in sub])
+        curve.append(row)
+    return {"per_dataset": per_dataset, "temporal_invariance": curve, "per_video": rows}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reports and plots
+
+
+def _write_compact_json(path: str | Path, payload: Any) -> None:
+    """One-line JSON via a temporary file + rename (track arrays pretty-printed would be one number per line)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(payload, allow_nan=False))
+    tmp.replace(p)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_tracks_on_frame(frame: np.ndarray, tracks: np.ndarray, out_png: str | Path, query_frame: int | None = None,
+                         reference: np.ndarray | None = None, title: str = "") -> Path:
+    """PNG of the first frame with every trajectory (coloured by point index) and its query position.
+
+    Args:
+        frame: (H, W) image in [0, 1].
+        tracks: (T, N, 2) predicted ``(x, y)`` pixels.
+        query_frame: marks the query positions ``tracks[query_frame]`` with white rings.
+        reference: optional (T, N, 2) reference tracks, drawn dashed in green.
+    """
+    plt = _plt()
+    h, w = frame.shape
+    fig, ax = plt.subplots(figsize=(6.0 * w / max(h, w) + 0.5, 6.0 * h / max(h, w) + 0.5))
+    ax.imshow(frame, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    cmap = plt.get_cmap("turbo")
+    n = tracks.shape[1]
+    if reference is not None:
+        for k in range(reference.shape[1]):
+            ax.plot(reference[:, k, 0], reference[:, k, 1], "--", color="lime", lw=0.8, alpha=0.8)
+    for k in range(n):
+        c = cmap(k / max(n - 1, 1))
+        ax.plot(tracks[:, k, 0], tracks[:, k, 1], "-", color=c, lw=1.0)
+        ax.plot(tracks[0, k, 0], tracks[0, k, 1], "o", color=c, ms=2.5)
+    if query_frame is not None:
+        qp = tracks[query_frame]
+        ax.scatter(qp[:, 0], qp[:, 1], s=22, facecolors="none", edgecolors="white", linewidths=0.8, zorder=3)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_axis_off()
+    label = "tracks over frame 0" + (f" (query frame {query_frame}, white rings)" if query_frame is not None else "")
+    ax.set_title(f"{title}\n{label}" if title else label, fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_strain_curve(strain: np.ndarray, out_png: str | Path, fps: float | None = None, ed: int = 0,
+                      es: int | None = None, gls: float | None = None, reference_gls: float | None = None,
+                      title: str = "") -> Path:
+    """PNG of the longitudinal strain curve (%) over time (s, or frames without a frame rate)."""
+    plt = _plt()
+    t = np.arange(len(strain), dtype=np.float64)
+    x = t / fps if fps and math.isfinite(fps) and fps > 0 else t
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(x, strain, "-o", ms=2.5, color="tab:red", label="strain (tracked centre line)")
+    ax.axhline(0.0, color="gray", lw=0.6)
+    ax.axvline(x[ed], color="tab:blue", lw=0.8, ls="--", label=f"ED (frame {ed})")
+    if es is not None:
+        ax.axvline(x[es], color="tab:green", lw=0.8, ls="--", label=f"ES (frame {es})")
+    if reference_gls is not None and math.isfinite(reference_gls):
+        ax.axhline(reference_gls, color="black", lw=0.8, ls=":", label=f"reference GLS {reference_gls:.1f} %")
+    ax.set_xlabel("time (s)" if x is not t else "frame")
+    ax.set_ylabel("longitudinal strain (%)")
+    head = f"GLS {gls:.1f} %" if gls is not None and math.isfinite(gls) else "GLS n/a"
+    ax.set_title(f"{title}  {head}" if title else head, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_temporal_invariance(curve: Sequence[Mapping], out_png: str | Path, title: str = "") -> Path:
+    """PNG of delta_avg (top) and MTE (bottom) against the query-frame phase (paper Fig. 2/8), per dataset."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(6.5, 5.5), sharex=True)
+    phases = [100.0 * r["phase"] for r in curve]
+    series = sorted({k.split("/")[0] for r in curve for k in r if "/" in k})
+    series = series if len(series) > 1 else []  # one dataset: its curve is the overall one
+    for name, style in [("all videos", "-o")] + [(s, "--.") for s in series]:
+        key = "" if name == "all videos" else f"{name}/"
+        d = [r.get(f"{key}delta_avg") for r in curve]
+        m = [r.get(f"{key}mte") for r in curve]
+        a1.plot(phases, [np.nan if v is None else v for v in d], style, label=name)
+        a2.plot(phases, [np.nan if v is None else v for v in m], style, label=name)
+    a1.set_ylabel("delta_avg (%)")
+    a2.set_ylabel("MTE (px @ 256)")
+    a2.set_xlabel("query frame phase (% of the video)")
+    a1.axvline(72, color="gray", lw=0.6, ls=":")
+    a2.axvline(72, color="gray", lw=0.6, ls=":")
+    a1.legend(fontsize=7)
+    a1.set_title(title or "temporal invariance: accuracy vs query-frame phase", fontsize=9)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+class TrackingReport:
+    """Evaluation report: per-video CSV, temporal-invariance CSV + PNG, GLS scatter PNG and track overlays of the
+    first ``n_png`` videos (prediction vs reference over frame 0). ``summary(engine)`` gives the dict for
+    :class:`common.engines.handlers.MetricsJSONWriter` (``extra``).
+
+    Args:
+        output_dir: report folder.
+        n_png: number of videos with an overlay PNG.
+        save_rank: only this rank writes.
+    """
+
+    def __init__(self, output_dir: str, n_png: int = 2, save_rank: int = 0) -> None:
+        self.output_dir = Path(output_dir)
+        self.n_png = int(n_png)
+        self.save_rank = save_rank
+        self._overlays: list[dict] = []
+        self.paths: dict[str, str] = {}
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._overlays.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._grab)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _grab(self, engine: Any) -> None:
+        if len(self._overlays) >= self.n_png:
+            return
+        batch, out = engine.state.batch, engine.state.output
+        size_net = (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
+        n = int(batch["n_points"][0]) if "n_points" in batch else out[Keys.PRED].shape[2]
+        orig = [int(v) for v in batch["orig_size"][0]]
+        frame = batch["image"][0, 0, 0].numpy() * 0.5 + 0.5
+        # the overlay is drawn on the network-size frame, so the tracks are shown in network pixels
+        self._overlays.append({"id": batch["id"][0], "frame": frame, "orig": orig,
+                               "pred": out[Keys.PRED][0, :, :n, :2].numpy(),
+                               "ref": batch["label"][0, :, :n, :2].numpy() if "label" in batch else None,
+                               "q": int(batch["query_frames"][0, 0]), "size": size_net})
+
+    def __call__(self, engine: Any) -> None:
+        from monai.utils import min_version, optional_import
+
+        idist, _ = optional_import("ignite", "0.4.10", min_version, "distributed")
+        if idist.get_rank() != self.save_rank:
+            return
+        report = getattr(engine.state, "tracking_report", None)
+        if report is None:
+            raise RuntimeError("TrackingReport: no tracking_report on the engine state; attach TrackingMetrics")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = report["per_video"]
+        cols = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("id", "dataset"), k))
+        per_video = self.output_dir / "per_video.csv"
+        with open(per_video, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=cols)
+            wr.writeheader()
+            wr.writerows(rows)
+        self.paths["per_video_csv"] = str(per_video)
+        curve = report["temporal_invariance"]
+        if curve:
+            ti = self.output_dir / "temporal_invariance.csv"
+            with open(ti, "w", newline="") as f:
+                wr = csv.DictWriter(f, fieldnames=list(curve[0].keys()))
+                wr.writeheader()
+                wr.writerows(curve)
+            self.paths["temporal_invariance_csv"] = str(ti)
+            self.paths["temporal_invariance_png"] = str(
+                plot_temporal_invariance(curve, self.output_dir / "temporal_invariance.png"))
+        pairs = [(r["gls_reference"], r["gls"]) for r in rows if math.isfinite(r.get("gls", float("nan")))
+                 and math.isfinite(r.get("gls_reference", float("nan")))]
+        if pairs:
+            self.paths["gls_png"] = str(self._plot_gls(pairs))
+        for ov in self._overlays:
+            png = self.output_dir / f"tracks_{Path(ov['id']).name}.png"
+            plot_tracks_on_frame(ov["frame"], ov["pred"], png, ov["q"], ov["ref"],
+                                 title=f"{ov['id']}: prediction (colour) vs reference (green)")
+            self.paths.setdefault("track_pngs", []).append(str(png))  # type: ignore[union-attr]
+        engine.logger.info(f"tracking report written to {self.output_dir}")
+
+    def _plot_gls(self, pairs: list[tuple[float, float]]) -> Path:
+        plt = _plt()
+        ref, est = np.array(pairs).T
+        fig, ax = plt.subplots(figsize=(4.2, 4.0))
+        lo, hi = float(min(ref.min(), est.min())) - 2, float(max(ref.max(), est.max())) + 2
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
+        ax.scatter(ref, est, s=14)
+        ax.set_xlabel("reference GLS (%)")
+        ax.set_ylabel("tracked GLS (%)")
+        ax.set_title(f"GLS: MAD {np.mean(np.abs(est - ref)):.2f} %", fontsize=9)
+        fig.tight_layout()
+        out = self.output_dir / "gls.png"
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out
+
+    def summary(self, engine: Any) -> dict:
+        """Extra entries of ``metrics.json``: per-dataset table, temporal-invariance curve, report files."""
+        report = getattr(engine.state, "tracking_report", {}) or {}
+        return {"per_dataset": report.get("per_dataset", {}), "temporal_invariance": report.get("temporal_invariance",
+                                                                                                   []),
+                "report_files": dict(self.paths), "tapvid_size": TAPVID_SIZE}
+
+
+class TrackingPredictionWriter:
+    """Inference outputs per video under ``output_dir/<video stem>/``:
+
+    * ``<stem>_tracks.h5``: ``tracks`` (T, N, 2) float32 ``(x, y)`` pixels of the input video, ``confidence``
+      (T, N) float32, ``visible`` (T, N) bool (``confidence >= visibility_threshold``), ``query_points`` (N, 2),
+      ``query_frames`` (N,), ``strain`` (T,) and attributes (GLS, ED/ES, fps, spacing, source, query source);
+    * ``<stem>_tracks.json``: the same content, plus GLS, the strain curve over time and the centre-line lengths;
+    * ``<stem>_tracks.png`` (tracks over the first frame) and ``<stem>_strain.png`` (strain curve).
+
+    At the end ``output_dir/inference_summary.json`` lists every video with its GLS and files.
+    GLS assumes the points are ordered along the myocardial centre line (as the automatic query points are).
+
+    Args:
+        output_dir: output folder.
+        visibility_threshold: confidence threshold of ``visible``.
+        save_png: write the PNGs.
+    """
+
+    def __init__(self, output_dir: str, visibility_threshold: float = 0.5, save_png: bool = True) -> None:
+        if not 0.0 <= visibility_threshold <= 1.0:
+            raise ValueError(f"visibility_threshold must be in [0, 1], got {visibility_threshold}")
+        self.output_dir = Path(output_dir)
+        self.threshold = float(visibility_threshold)
+        self.save_png = as_bool(save_png, "save_png")
+        self.results: list[dict] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda e: self.results.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def __call__(self, engine: Any) -> None:
+        batch, out = engine.state.batch, engine.state.output
+        pred_all = out[Keys.PRED]
+        size_net = (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
+        for b in range(pred_all.shape[0]):
+            n = int(batch["n_points"][b]) if "n_points" in batch else pred_all.shape[2]
+            self.results.append(self._write_one(batch, b, pred_all[b, :, :n], size_net, float(out["time_s"])))
+            engine.logger.info(f"tracks written to {self.results[-1]['files']['json']}")
+
+    def _write_one(self, batch: Mapping, b: int, pred: Tensor, size_net: tuple[int, int], time_s: float) -> dict:
+        import h5py
+
+        vid = str(batch["id"][b])
+        orig = [int(v) for v in batch["orig_size"][b]]
+        tracks = scale_points(pred[..., :2].double().numpy(), size_net, orig)
+        # the query points are returned exactly (the network writes them back; undo the resize rounding too)
+        qpo = batch["query_points_orig"][b, : pred.shape[1]].numpy()
+        qfo = batch["query_frames_orig"][b, : pred.shape[1]].numpy().astype(np.int64)
+        tracks[qfo, np.arange(len(qfo))] = qpo
+        conf = pred[..., 2].float().numpy()
+        visible = conf >= self.threshold
+        fps = float(batch["fps"][b])
+        fps = fps if math.isfinite(fps) and fps > 0 else None
+        sp = [float(s) for s in batch["spacing"][b]]
+        spacing = sp if all(math.isfinite(s) and s > 0 for s in sp) else None
+        ed = int(batch["ed"][b]) if int(batch["ed"][b]) >= 0 else 0
+        es_known = int(batch["es"][b]) if int(batch["es"][b]) >= 0 else None
+        gls_ref = float(batch["gls_reference"][b])
+        strain = lengths = None
+        gls = es = None
+        if tracks.shape[1] >= 2:
+            try:
+                res = global_longitudinal_strain(tracks, ed_frame=ed, es_frame=es_known, spacing=spacing or 1.0)
+                gls, es, strain, lengths = res.gls, res.es_frame, res.strain, res.lengths
+            except ValueError:
+                pass  # a zero-length centre line (all points on one spot) has no strain; reported as null
+        folder = self.output_dir / Path(vid).name
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = Path(vid).name
+        files = {"h5": str(folder / f"{stem}_tracks.h5"), "json": str(folder / f"{stem}_tracks.json")}
+        meta = {
+            "video": str(batch["path"][b]), "source_format": str(batch["source"][b]),
+            "query_source": str(batch["query_source"][b]), "n_frames": int(tracks.shape[0]),
+            "n_points": int(tracks.shape[1]), "image_size_hw": orig, "network_input_hw": list(size_net),
+            "fps": fps, "pixel_spacing_mm": spacing, "ed_frame": ed, "es_frame": es,
+            "es_frame_source": "file" if es_known is not None else ("minimal centre-line length" if es is not None
+                                                                     else None),
+            "gls_percent": gls, "gls_reference_percent": gls_ref if math.isfinite(gls_ref) else None,
+            "visibility_threshold": self.threshold, "inference_time_s": time_s,
+            "coordinates": "(x, y) pixels of the input video; pixel [row, col] is centred at (x=col, y=row)",
+        }
+        tmp = Path(files["h5"] + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("tracks", data=tracks.astype(np.float32))
+            f.create_dataset("confidence", data=conf.astype(np.float32))
+            f.create_dataset("visible", data=visible)
+            f.create_dataset("query_points", data=qpo.astype(np.float32))
+            f.create_dataset("query_frames", data=qfo)
+            if strain is not None:
+                f.create_dataset("strain", data=np.asarray(strain, dtype=np.float32))
+            for k, v in meta.items():
+                if v is not None:
+                    f.attrs[k] = json.dumps(v) if isinstance(v, list) else v
+        tmp.replace(files["h5"])
+        payload = dict(meta)
+        payload.update({
+            "query_points": qpo.tolist(), "query_frames": qfo.tolist(),
+            "tracks": np.round(tracks, 4).tolist(), "confidence": np.round(conf, 5).tolist(),
+            "visible": visible.tolist(),
+            "strain_curve": None if strain is None else {
+                "frame": list(range(len(strain))),
+                "time_s": [i / fps for i in range(len(strain))] if fps else None,
+                "strain_percent": np.round(strain, 4).tolist(),
+                "centre_line_length": np.round(lengths, 4).tolist(),
+                "length_unit": "mm" if spacing else "px"},
+        })
+        if self.save_png:
+            frame = batch["first_frame"][b].numpy()
+            files["tracks_png"] = str(plot_tracks_on_frame(frame, tracks, folder / f"{stem}_tracks.png",
+                                                           int(qfo[0]) if len(set(qfo.tolist())) == 1 else None,
+                                                           title=stem))
+            if strain is not None:
+                files["strain_png"] = str(plot_strain_curve(strain, folder / f"{stem}_strain.png", fps, ed, es, gls,
+                                                            gls_ref if math.isfinite(gls_ref) else None, title=stem))
+        payload["files"] = files
+        _write_compact_json(files["json"], payload)
+        return {"id": vid, "video": meta["video"], "gls_percent": gls, "gls_reference_percent": meta[
+            "gls_reference_percent"], "n_points": meta["n_points"], "query_source": meta["query_source"],
+                "inference_time_s": time_s, "files": files}
+
+    def finish(self, engine: Any) -> None:
+        path = self.output_dir / "inference_summary.json"
+        write_json_atomic(path, {"videos": self.results, "n_videos": len(self.results)})
+        engine.logger.info(f"inference summary written to {path}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export (the documented alternatives to ckpt_export, which cannot capture a three-input network)
+
+
+def export_tracker(network: nn.Module, path: str | Path, n_frames: int, image_size: int | Sequence[int],
+                   n_points: int, query_frame: int = 0) -> Path:
+    """Capture a SpeckNet bundle adapter with ``torch.export`` at fixed shapes and save it (``.pt2``).
+
+    The program takes ``(image (1, 1, T, H, W), query_points (1, N, 2), query_frames (1, N))`` and returns
+    ``pred (1, T, N, 3)``; it is specialised to ``(T, H, W, N)`` (the cost-volume op's chunk loops are unrolled), so
+    each video length needs its own export.
+    """
+    h, w = _size2(image_size)
+    network = network.eval()
+    example = (torch.zeros(1, 1, int(n_frames), h, w), torch.full((1, int(n_points), 2), min(h, w) / 2.0),
+               torch.full((1, int(n_points)), int(query_frame), dtype=torch.long))
+    with torch.no_grad():
+        program = torch.export.export(network, example)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(out))
+    return out
+
+
+def trace_tracker(network: nn.Module, path: str | Path, n_frames: int, image_size: int | Sequence[int],
+                  n_points: int, query_frame: int = 0, meta_file: str | Path | None = None) -> Path:
+    """TorchScript of a SpeckNet bundle adapter by ``torch.jit.trace`` with all three inputs, saved like MONAI's
+    ``ckpt_export`` (``metadata.json`` of the bundle stored inside the ``.ts`` file when ``meta_file`` is given).
+
+    ``ckpt_export`` cannot produce it: its scripting path is rejected by the TorchScript compiler and its tracing
+    path feeds a single random ``image``, while the network also needs the query points. Like :func:`export_tracker`
+    the program is specialised to ``(T, H, W, N)``; load it with ``torch.jit.load`` (or MONAI's
+    ``load_net_with_metadata``) and call it as ``ts(image, query_points, query_frames)``.
+    """
+    import warnings
+
+    from monai.data import save_net_with_metadata
+
+    h, w = _size2(image_size)
+    network = network.eval()
+    example = (torch.zeros(1, 1, int(n_frames), h, w), torch.full((1, int(n_points), 2), min(h, w) / 2.0),
+               torch.full((1, int(n_points)), int(query_frame), dtype=torch.long))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # expected: shapes are specialised (documented)
+        traced = torch.jit.trace(network, example, check_trace=False)
+    meta = json.loads(Path(meta_file).read_text()) if meta_file is not None else {}
+    meta["traced_input_shapes"] = {"image": list(example[0].shape), "query_points": list(example[1].shape),
+                                   "query_frames": list(example[2].shape)}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_net_with_metadata(traced, str(out), include_config_vals=True, meta_values=meta)
+    return out if out.suffix else out.with_suffix(".ts")
+
+
+def load_exported_tracker(path: str | Path) -> Callable[..., Tensor]:
+    """Load a program written by :func:`export_tracker`; call it as ``program(image, query_points, query_frames)``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: exported tracker not found")
+    return torch.export.load(str(p)).module()

@@ -1,0 +1,309 @@
+"""Tests of the point-tracking workflow pieces (common/engines/tracking.py).
+
+The metric pipeline is checked end to end with an oracle network (returns the reference tracks: every metric must be
+perfect after the network-pixel -> original-pixel mapping) and a zero-motion network (must reproduce the reported
+zero-motion baseline); the geometry of resizing against an independent blob-centroid measurement.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.transforms import Compose
+from torch import nn
+
+from common.data.io import DataError, write_nifti
+from common.data.synthetic.echo_layouts import write_tracking_h5
+from common.data.tracking import read_tracking_h5, tracking_datalist
+from common.engines.tracking import (
+    DEFAULT_PHASES,
+    GradientClipping,
+    LoadTrackingVideod,
+    LoadVideod,
+    QueryPointsd,
+    ResizeVideod,
+    TrackingEvaluator,
+    TrackingInputsd,
+    TrackingMetrics,
+    TrackingPredLoss,
+    TrackingReport,
+    as_bool,
+    expand_by_segments,
+    export_tracker,
+    load_exported_tracker,
+    one_cycle_scheduler,
+    scale_points,
+    tracking_collate,
+    video_to_unit,
+)
+from common.losses.tracking import tracking_l1_loss
+from common.metrics.tracking import global_longitudinal_strain
+from common.networks.specknet import SpeckNetBundleAdapter
+from common.transforms.video import QueryFramed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors: OpenMP threads only wait for each other on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tracking")
+    write_tracking_h5(root, n_videos=3, seed=5, image_size=(64, 80), n_frames=10, n_points=6, progress=False)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# geometry and transforms
+
+
+def test_scale_points_matches_the_resized_image_content():
+    # independent check: the intensity centroid of a blob after bilinear resizing (half-pixel centres)
+    h, w, x0, y0 = 40, 50, 17.3, 22.6
+    yy, xx = np.mgrid[0:h, 0:w]
+    blob = np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 3.0**2))
+    for size in ((80, 100), (64, 64)):
+        out = F.interpolate(torch.tensor(blob)[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        out = out.numpy()
+        gy, gx = np.mgrid[0 : size[0], 0 : size[1]]
+        centroid = [(out * gx).sum() / out.sum(), (out * gy).sum() / out.sum()]
+        np.testing.assert_allclose(scale_points(np.array([x0, y0]), (h, w), size), centroid, atol=0.02)
+    pts = torch.tensor([[1.0, 2.0], [30.0, 7.5]])
+    back = scale_points(scale_points(pts, (40, 50), (64, 64)), (64, 64), (40, 50))
+    torch.testing.assert_close(back, pts)
+
+
+def test_resize_and_inputs_build_a_consistent_sample(tiny_set):
+    entry = tracking_datalist(tiny_set)[0]
+    d = LoadTrackingVideod(root=str(tiny_set))(entry)
+    assert d["video"].dtype == np.float32 and 0.0 <= d["video"].min() and d["video"].max() <= 1.0
+    assert d["dataset"] == tiny_set.name and tuple(d["orig_size"]) == (64, 80)
+    d["visible"][:, 1] = True
+    d["visible"][4, 1] = False  # point 1 hidden on frame 4
+    d["visible"][2, 2] = False  # point 2 hidden on the query frame 2
+    d = QueryFramed(fraction=0.2)(d)
+    assert d["query_frame"] == 2
+    d = ResizeVideod(32, point_keys={"tracks": "tracks_net"})(d)
+    assert d["video"].shape == (10, 32, 32)
+    np.testing.assert_allclose(d["tracks_net"], scale_points(d["tracks"], (64, 80), (32, 32)), rtol=1e-6)
+    d = TrackingInputsd(tracks_key="tracks_net", drop=("video", "tracks_net"))(d)
+    assert d["image"].shape == (1, 10, 32, 32) and d["image"].min() >= -1 and d["image"].max() <= 1
+    np.testing.assert_array_equal(d["query_frames"], np.full(6, 2))
+    np.testing.assert_allclose(d["query_points"], d["label"][2, :, :2])
+    w = d["label"][..., 2]
+    assert (w[2] == 0).all()  # the query frame carries no loss
+    assert w[4, 1] == 0 and w[3, 1] == 1
+    assert (w[:, 2] == 0).all()  # a point hidden on its query frame is not tissue there: no loss at all
+    assert "video" not in d and "tracks" in d  # originals kept for the metrics
+
+
+def test_config_switches_parse_command_line_strings():
+    # `--augment false` arrives as the string "false", which is truthy in Python
+    assert as_bool("false") is False and as_bool("True") is True and as_bool(False) is False and as_bool(1) is True
+    with pytest.raises(ValueError, match="augment must be true or false, got 'flase'"):
+        as_bool("flase", "augment")
+
+
+def test_video_to_unit_and_expand_by_segments():
+    np.testing.assert_allclose(video_to_unit(np.array([[[0, 255]]], np.uint8)), [[[0.0, 1.0]]])
+    np.testing.assert_allclose(video_to_unit(np.array([[[-3.0, 1.0]]])), [[[0.0, 1.0]]])
+    assert video_to_unit(np.full((1, 2, 2), 7, np.int16)).max() == 0.0
+    data = [{"id": "a", "n_frames": 40}, {"id": "b", "n_frames": 10}]
+    out = expand_by_segments(data, clip_len=16, overlap=0.5)
+    assert [e["id"] for e in out] == ["a"] * 4 + ["b"]  # starts 0, 8, 16, 24 (last ends at 40); b is one short clip
+    with pytest.raises(ValueError, match="n_frames"):
+        expand_by_segments([{"id": "c"}])
+
+
+def test_collate_pads_points_and_reports_counts():
+    a = {"query_points": np.ones((2, 2), np.float32), "label": np.ones((3, 2, 3), np.float32), "id": "a", "q": 1}
+    b = {"query_points": np.ones((4, 2), np.float32), "label": np.ones((3, 4, 3), np.float32), "id": "b", "q": 2}
+    out = tracking_collate([a, b])
+    assert out["query_points"].shape == (2, 4, 2) and out["label"].shape == (2, 3, 4, 3)
+    assert out["label"][0, :, 2:].abs().sum() == 0  # padded points weigh nothing
+    assert out["n_points"].tolist() == [2, 4] and out["id"] == ["a", "b"] and out["q"].tolist() == [1, 2]
+    with pytest.raises(ValueError, match="keys"):
+        tracking_collate([a, {"id": "c"}])
+    with pytest.raises(ValueError, match="batch_size 1"):
+        tracking_collate([{"image": np.zeros((1, 3, 4, 4))}, {"image": np.zeros((1, 5, 4, 4))}])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training pieces
+
+
+def test_pred_loss_is_the_masked_l1_on_packed_tensors():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(2, 4, 3, 3, generator=g)
+    label = torch.rand(2, 4, 3, 3, generator=g)
+    label[..., 2] = (label[..., 2] > 0.5).float()
+    expect = (((pred[..., :2] - label[..., :2]).abs().mean(-1)) * label[..., 2]).sum() / label[..., 2].sum()
+    torch.testing.assert_close(TrackingPredLoss()(pred, label), expect)
+    torch.testing.assert_close(TrackingPredLoss()(pred, label),
+                               tracking_l1_loss(pred[..., :2], label[..., :2], label[..., 2]))
+    with pytest.raises(ValueError, match=r"\(B, T, N, 3\)"):
+        TrackingPredLoss()(pred[..., :2], label[..., :2])
+
+
+def test_gradient_clipping_runs_between_backward_and_step():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1)
+    data = [{"image": torch.randn(8, 4) * 100, "label": torch.randn(8, 1) * 100}]
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: parameters stay, only the gradients are inspected
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+                                optimizer=opt, loss_function=nn.MSELoss(), decollate=False)
+    GradientClipping(5.0).attach(trainer)
+    norms = []
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED,
+                              lambda e: norms.append(float(torch.cat([p.grad.flatten() for p in net.parameters()])
+                                                           .norm())))
+    trainer.run()
+    assert norms and norms[0] == pytest.approx(5.0, rel=1e-5)  # the raw gradient is far larger than 5
+    with pytest.raises(ValueError, match="max_norm"):
+        GradientClipping(0.0)
+
+
+def test_one_cycle_schedule_peaks_at_the_learning_rate():
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=5e-4)
+    sched = one_cycle_scheduler(opt, 5e-4, epochs=2, steps_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(5e-4) and lrs[0] < 5e-5 and lrs[-1] < 1e-5
+    with pytest.raises(ValueError, match="training set empty"):
+        one_cycle_scheduler(opt, 5e-4, epochs=3, steps_per_epoch=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation: oracle and zero-motion networks through the real evaluator and metric
+
+
+class _ScriptedTracker(nn.Module):
+    """encode/track stand-in: returns ``reference`` (network pixels) or the query points (zero motion)."""
+
+    def __init__(self, reference: torch.Tensor | None) -> None:
+        super().__init__()
+        self.reference = reference
+        self.p = nn.Parameter(torch.zeros(1))
+
+    def encode(self, video):
+        return [video]
+
+    def track(self, feats, qp, qf, size):
+        b, t = feats[0].shape[:2]
+        n = qp.shape[1]
+        tracks = self.reference.expand(b, t, n, 2) if self.reference is not None else qp[:, None].expand(b, t, n, 2)
+        return {"tracks": tracks.clone(), "confidence": torch.ones(b, t, n)}
+
+
+def _eval_loader(root, size=48):
+    pre = Compose([LoadTrackingVideod(root=str(root)), QueryFramed(fraction=0.72),
+                   ResizeVideod(size, point_keys={"tracks": "tracks_net"}),
+                   TrackingInputsd(tracks_key="tracks_net", drop=("video", "tracks_net"))])
+    return DataLoader(Dataset(tracking_datalist(root)[:1], pre), batch_size=1, collate_fn=tracking_collate)
+
+
+def _run_eval(net, loader, report_dir=None):
+    ev = TrackingEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=net,
+                           key_val_metric={"delta_avg": TrackingMetrics()}, phases=DEFAULT_PHASES)
+    report = None
+    if report_dir is not None:
+        report = TrackingReport(str(report_dir), n_png=1)
+        report.attach(ev)
+    ev.run()
+    return ev, report
+
+
+def test_oracle_tracker_gets_perfect_metrics_and_the_reference_gls(tiny_set, tmp_path):
+    loader = _eval_loader(tiny_set)
+    batch = next(iter(loader))
+    ev, report = _run_eval(_ScriptedTracker(batch["label"][:, :, :, :2]), loader, tmp_path)
+    m = ev.state.metrics
+    assert m["delta_1"] == 100.0 and m["delta_avg"] == 100.0 and m["mte"] < 1e-3
+    assert m["n_videos"] == 1 and m["ait_s"] > 0 and m["pgm_gb"] > 0
+    ref = read_tracking_h5(tracking_datalist(tiny_set)[0]["video"])
+    expect = global_longitudinal_strain(ref["tracks"], ref["ed_frame"], ref["es_frame"], ref["pixel_spacing_mm"]).gls
+    assert m["gls_mad"] < 1e-3 and abs(expect - ref["gls_reference"]) < 1e-3
+    curve = ev.state.tracking_report["temporal_invariance"]
+    assert [r["phase"] for r in curve] == list(DEFAULT_PHASES)
+    assert all(r["delta_avg"] == 100.0 for r in curve)
+    assert set(ev.state.metric_details) >= {"delta_avg", "mte", "gls"}
+    files = report.summary(ev)["report_files"]
+    for key in ("per_video_csv", "temporal_invariance_csv", "temporal_invariance_png", "gls_png"):
+        assert (tmp_path / files[key].split("/")[-1]).is_file()
+    assert len(files["track_pngs"]) == 1
+
+
+def test_zero_motion_tracker_reproduces_the_zero_motion_baseline(tiny_set):
+    loader = _eval_loader(tiny_set)
+    ev, _ = _run_eval(_ScriptedTracker(None), loader)
+    m = ev.state.metrics
+    assert m["delta_avg"] == pytest.approx(m["zero_motion_delta_avg"], abs=1e-6)
+    assert m["mte"] == pytest.approx(m["zero_motion_mte"], abs=1e-4)
+    assert m["delta_avg"] < 100.0 and m["mte"] > 0.1  # the simulated heart moves
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inference query points
+
+
+def test_query_point_sources_and_errors(tiny_set, tmp_path):
+    path = str(sorted(tiny_set.glob("*.h5"))[0])
+    d = LoadVideod()({"image": path})
+    assert "ref_labels" in d and "ref_tracks" in d and d["first_frame"].shape == (64, 80)
+    q = diastasis_q = int(0.72 * 10)
+    auto = QueryPointsd(n_points=5)(d)
+    assert "labels (centre line" in auto["query_source"] and auto["query_points_orig"].shape == (5, 2)
+    np.testing.assert_array_equal(auto["query_frames_orig"], np.full(5, diastasis_q))
+    assert "ref_labels" not in auto
+    tr = QueryPointsd(source="tracks")(d)
+    np.testing.assert_allclose(tr["query_points_orig"], d["ref_tracks"][q])
+    (tmp_path / "pts.json").write_text(json.dumps({"query_frame": 1, "points": [[10, 12], [20, 30]]}))
+    given = QueryPointsd(points_path=str(tmp_path / "pts.json"))(d)
+    np.testing.assert_array_equal(given["query_frames_orig"], [1, 1])
+    mask = np.zeros((10, 64, 80), np.uint8)
+    mask[q] = read_tracking_h5(path)["labels"][q]
+    write_nifti(tmp_path / "mask.nii.gz", mask.transpose(2, 1, 0))
+    from_mask = QueryPointsd(mask_path=str(tmp_path / "mask.nii.gz"), n_points=5)(d)
+    np.testing.assert_allclose(from_mask["query_points_orig"], auto["query_points_orig"], atol=1e-4)
+    (tmp_path / "out.json").write_text(json.dumps({"points": [[10, 12], [95, 30]]}))
+    with pytest.raises(DataError, match=r"out\.json: 1 query point\(s\) lie outside the 80 x 64"):
+        QueryPointsd(points_path=str(tmp_path / "out.json"))(d)
+    bare = {k: v for k, v in d.items() if not k.startswith("ref_")}
+    with pytest.raises(DataError, match="no query points for this video"):
+        QueryPointsd()(bare)
+    with pytest.raises(FileNotFoundError, match="mask_path"):
+        QueryPointsd(mask_path=str(tmp_path / "nope.nii.gz"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export (the documented alternative to ckpt_export)
+
+
+def test_export_tracker_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = SpeckNetBundleAdapter(channels=(8, 16, 16, 16), backend="torch").eval()
+    path = export_tracker(net, tmp_path / "specknet.pt2", n_frames=3, image_size=32, n_points=2)
+    program = load_exported_tracker(path)
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 1, 3, 32, 32, generator=g) * 2 - 1
+    qp = torch.tensor([[[10.0, 12.0], [20.5, 7.0]]])
+    qf = torch.tensor([[1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(program(image, qp, qf), net(image, qp, qf))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_exported_tracker(tmp_path / "missing.pt2")
