@@ -6,7 +6,7 @@ import importlib
 
 import fire
 
-BENCHMARKS = ("sinkhorn", "cost_volume", "specknet")
+BENCHMARKS = ("sinkhorn", "cost_volume", "specknet", "botm")
 
 
 def _runner(name: str):
