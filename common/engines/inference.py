@@ -1,0 +1,234 @@
+"""Slice-wise volume prediction for 2D (2.5D) networks, and modality-tagged inference datalists.
+
+:class:`SliceStackInferer` is a MONAI ``Inferer``: it turns each volume ``(C, X, Y, Z)`` of a batch into slice stacks
+(consecutive slices as channels, :func:`common.transforms.slices.volume_to_slice_stacks`), runs the network on them
+in chunks and reassembles the per-slice outputs into a volume of the input's size along the same axis. The output
+carries the input's metadata (MONAI ``MetaTensor``), so ``Invertd`` maps predictions back to the geometry of the
+original file and ``SaveImaged`` writes them with it.
+
+:func:`modality_datalist` turns a file, a folder, a list of files or a JSON datalist into entries
+``{"image": path, "modality": name}``: the modality comes from the argument, else from the JSON entry, else from
+the file name (``ct_...``, ``..._mr_...``, ``mri``); when none of them gives it, the error names the file.
+
+:func:`screen_inputs` reads every input once before a batch job starts: unreadable, NaN-holding or wrongly shaped
+files are recorded in a JSON file and left out, so one bad file does not stop the segmentation of the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+
+from common.transforms.slices import slice_axis_index, stacks_to_volume, volume_to_slice_stacks
+
+__all__ = ["IMAGE_SUFFIXES", "SliceStackInferer", "modality_datalist", "modality_from_name", "screen_inputs"]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+_MODALITY_ALIASES = {"ct": "ct", "mr": "mr", "mri": "mr"}
+_NAME_TOKEN = re.compile(r"(?:^|[^a-z0-9])(ct|mri|mr)(?=$|[^a-z0-9])", re.IGNORECASE)
+
+
+class SliceStackInferer(Inferer):
+    """Predict a batch of volumes slice by slice with a 2D network taking consecutive slices as channels.
+
+    ``__call__(inputs, network, *args, modality=None, **kwargs)``:
+
+    - ``inputs``: ``(B, C, X, Y, Z)`` volumes (tensor or MetaTensor).
+    - ``network``: called as ``network(stacks, *args, [modality=...], **kwargs)`` on ``(n, C * num_slices, h, w)``
+      stacks; must return ``(n, K, h, w)``.
+    - ``modality``: ``None`` (not passed on), one value for the whole batch, or a sequence of ``B`` values (e.g. the
+      collated ``"modality"`` strings of the batch); each volume's value is passed to the network as ``modality``.
+
+    Returns ``(B, K, X, Y, Z)`` (a MetaTensor with the input's metadata when the input is one).
+
+    Args:
+        slice_axis: slicing axis (name or spatial axis, see :mod:`common.transforms.slices`).
+        num_slices: consecutive slices per stack (3 in LSSC).
+        batch_size: slice stacks per network call.
+        size_multiple: the in-plane size is zero-padded up to a multiple of this (e.g. ``patch_size * 8`` = 32 for
+            a 4-stage Swin-Unet with patch 4) and the output cropped back; 1 disables padding.
+        progress: show a tqdm bar over the slice chunks.
+    """
+
+    def __init__(self, slice_axis: str | int = "coronal", num_slices: int = 3, batch_size: int = 16,
+                 size_multiple: int = 32, progress: bool = False) -> None:
+        super().__init__()
+        self.slice_axis = slice_axis_index(slice_axis)
+        if num_slices < 1 or num_slices % 2 == 0:
+            raise ValueError(f"num_slices must be odd and >= 1, got {num_slices}")
+        if batch_size < 1 or size_multiple < 1:
+            raise ValueError(f"batch_size and size_multiple must be >= 1, got {batch_size}, {size_multiple}")
+        self.num_slices = num_slices
+        self.batch_size = batch_size
+        self.size_multiple = size_multiple
+        self.progress = progress
+
+    def _predict_volume(self, volume: torch.Tensor, network: Callable[..., torch.Tensor], args: tuple,
+                        kwargs: dict) -> torch.Tensor:
+        stacks = volume_to_slice_stacks(volume, self.slice_axis, self.num_slices)  # (S, C*n, h, w)
+        h, w = stacks.shape[-2:]
+        m = self.size_multiple
+        pad_h, pad_w = (-h) % m, (-w) % m
+        if pad_h or pad_w:
+            # z-scored inputs: zero is the mean intensity, the value the bundle's SpatialPadd also pads with
+            stacks = F.pad(stacks, (0, pad_w, 0, pad_h))
+        chunks = range(0, stacks.shape[0], self.batch_size)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="slices", leave=False)
+        outs = [network(stacks[i : i + self.batch_size], *args, **kwargs) for i in chunks]
+        out = torch.cat(outs, dim=0)[..., :h, :w]
+        return stacks_to_volume(out, self.slice_axis)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
+                 modality: Any = None, **kwargs: Any) -> torch.Tensor:
+        if inputs.dim() != 5:
+            raise ValueError(f"SliceStackInferer expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}")
+        b = inputs.shape[0]
+        if modality is None or isinstance(modality, str):
+            per_item = [modality] * b
+        else:
+            per_item = list(modality.tolist() if isinstance(modality, torch.Tensor) else modality)
+            if len(per_item) != b:
+                raise ValueError(f"got {len(per_item)} modality values for a batch of {b} volumes")
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        preds = []
+        for i in range(b):
+            kw = dict(kwargs)
+            if per_item[i] is not None:
+                kw["modality"] = per_item[i]
+            preds.append(self._predict_volume(plain[i], network, args, kw))
+        out = torch.stack(preds, dim=0)
+        if isinstance(inputs, MetaTensor):
+            out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
+            out.is_batch = inputs.is_batch
+        return out
+
+
+def modality_from_name(path: str | Path, modalities: Sequence[str] = ("ct", "mr")) -> str | None:
+    """The modality named in a file name (``ct``, ``mr`` or ``mri`` as a separate token), or ``None``."""
+    found = {_MODALITY_ALIASES[m.lower()] for m in _NAME_TOKEN.findall(Path(path).name)}
+    found &= set(modalities)
+    return found.pop() if len(found) == 1 else None
+
+
+def _is_image(p: Path) -> bool:
+    name = p.name.lower()
+    return p.is_file() and name.endswith(IMAGE_SUFFIXES) and "_label" not in name and "_seg" not in name
+
+
+def _check_modality(modality: str, modalities: Sequence[str], source: str) -> str:
+    m = _MODALITY_ALIASES.get(str(modality).strip().lower(), str(modality))
+    if m not in modalities:
+        raise ValueError(f"unknown modality {modality!r} for {source}; this network knows {tuple(modalities)}")
+    return m
+
+
+def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: str | None = None,
+                      modalities: Sequence[str] = ("ct", "mr")) -> list[dict[str, str]]:
+    """Inference entries ``[{"image": path, "modality": name}]``.
+
+    Args:
+        input_path: an image file, a folder (every image file in it, label/segmentation files skipped), a JSON
+            datalist (a list of ``{"image", ["modality"]}`` or ``{"data": [...]}``, relative paths resolved against
+            the JSON's folder), or a list of image files.
+        modality: one modality for every input (overrides the JSON and the file names); ``None`` or ``""`` to take
+            it per input.
+        modalities: the modalities the network knows.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder without image files.
+        ValueError: an unknown modality, or an input whose modality cannot be told.
+    """
+    given = None if modality in (None, "") else _check_modality(modality, modalities, "all inputs")
+    entries: list[dict[str, Any]] = []
+    if isinstance(input_path, (list, tuple)):
+        entries = [{"image": str(p)} for p in input_path]
+    else:
+        path = Path(input_path).expanduser()
+        if str(input_path) == "" or not path.exists():
+            raise FileNotFoundError(f"input_path {str(input_path)!r} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if _is_image(p))
+            if not files:
+                raise FileNotFoundError(f"input_path {str(path)!r}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+            entries = [{"image": str(p)} for p in files]
+        elif path.name.lower().endswith(".json"):
+            try:
+                content = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not a valid JSON datalist ({e})") from e
+            items = content.get("data", content.get("testing")) if isinstance(content, dict) else content
+            if not isinstance(items, list) or not all(isinstance(e, dict) and "image" in e for e in items):
+                raise ValueError(f"{path}: a JSON datalist must be a list of {{'image': ...}} entries "
+                                 "(or such a list under 'data')")
+            entries = [{**e, "image": str(p if (p := Path(e["image"])).is_absolute() else path.parent / p)}
+                       for e in items]
+        else:
+            entries = [{"image": str(path)}]
+    out = []
+    for e in entries:
+        p = Path(e["image"])
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: image file not found")
+        if given is not None:
+            mod = given
+        elif e.get("modality"):
+            mod = _check_modality(e["modality"], modalities, str(p))
+        else:
+            mod = modality_from_name(p, modalities)
+            if mod is None:
+                raise ValueError(f"cannot tell the modality of {p}: name it in the file name (ct_/mr_), in a JSON "
+                                 f"datalist ('modality'), or pass --modality (one of {tuple(modalities)})")
+        out.append({"image": str(p), "modality": mod})
+    return out
+
+
+def screen_inputs(entries: Sequence[dict[str, Any]], record_path: str | Path | None = None, key: str = "image",
+                  ndim: int | Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Keep the entries whose ``entry[key]`` image can be read, is finite and has ``ndim`` dimensions.
+
+    Each rejected input is logged with the reason (:func:`common.data.io.read_image`'s message, which names the
+    file) and written to ``record_path`` as ``{"failed": [{"input", "error"}], "n_inputs", "n_failed"}`` (the file
+    is removed when every input passes, so a stale record never survives a clean run).
+
+    Raises:
+        common.data.io.DataError: every input failed (the message lists them), or there was no input.
+    """
+    from common.data.io import DataError, read_image
+    from common.engines.handlers import write_json_atomic
+
+    allowed = None if ndim is None else ((ndim,) if isinstance(ndim, int) else tuple(ndim))
+    kept, failed = [], []
+    for entry in entries:
+        path = str(entry[key])
+        try:
+            shape = read_image(path).array.shape
+            if allowed is not None and len(shape) not in allowed:
+                raise DataError(f"{path}: expected a {' or '.join(map(str, allowed))}D image, got shape {shape}")
+        except (DataError, FileNotFoundError) as e:
+            logging.getLogger(__name__).warning("skipping input: %s", e)
+            failed.append({"input": path, "error": str(e)})
+            continue
+        kept.append(dict(entry))
+    if record_path is not None:
+        record = Path(record_path)
+        if failed:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(record, {"failed": failed, "n_inputs": len(entries), "n_failed": len(failed)})
+        elif record.is_file():
+            record.unlink()
+    if not kept:
+        detail = "; ".join(f["error"] for f in failed) if failed else "no input given"
+        raise DataError(f"no readable input: {detail}")
+    return kept
