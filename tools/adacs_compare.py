@@ -32,6 +32,8 @@ from typing import Any
 import fire
 import numpy as np
 
+from tools.runs import run_workflow
+
 __all__ = ["METHOD_LABELS", "ARCH_LABELS", "run_comparison", "compare_tables", "markdown_tables", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -160,13 +162,7 @@ def markdown_tables(result: dict[str, Any], reference: str = "adacs") -> str:
 
 
 def _run_bundle(files: list[str], overrides: dict[str, Any]) -> None:
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=[str(CONFIGS / f) for f in files], meta_file=str(CONFIGS / "metadata.json"),
-                        logging_file=str(CONFIGS / "logging.conf"), workflow_type="train", **overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    run_workflow(CONFIGS, files, "train", **overrides)
 
 
 def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Sequence[str] = "voxelmorph",

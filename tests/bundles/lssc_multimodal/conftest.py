@@ -1,0 +1,81 @@
+"""Shared fixtures of the lssc_multimodal bundle tests: the synthetic default generated once into a temporary
+CARDIAC_DATA_DIR, reduced network configurations and a CLI runner (``python -m monai.bundle ...`` subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+BUNDLE = REPO_ROOT / "bundles" / "lssc_multimodal"
+CONFIGS = BUNDLE / "configs"
+
+# every LSSC part on (image embeddings, channel-wise multiplication, EAMs, correlations), at toy size
+TINY = {
+    "crop_size": 64,
+    "pixdim": [2.4, 2.4, 2.4],
+    "embed_dim": 12,
+    "num_heads": [1, 2, 4, 8],
+    "depths": [1, 1, 1, 1],
+    "decoder_depths": [1, 1, 1],
+    "window_size": 4,
+    "batch_size": 2,
+    "epochs": 1,
+    "epoch_length": 2,
+    "val_interval": 1,
+    "augment_prob": 0.0,
+    "torch_threads": 1,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors: one thread avoids oversubscribing the shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def lssc_env(tmp_path_factory) -> dict[str, str]:
+    """Environment of the CLI runs: CARDIAC_DATA_DIR at a temporary folder holding the synthetic default
+    (10 CT + 10 MRI volumes in the MM-WHS layout), generated here once for the whole session."""
+    from common.data.default import generate_dataset
+
+    root = tmp_path_factory.mktemp("lssc_cardiac_data")
+    generate_dataset("mmwhs", root / "mmwhs-seed0", seed=0, progress=False)
+    return {**os.environ, "CARDIAC_DATA_DIR": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_json(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lssc_cfg") / "tiny.json"
+    path.write_text(json.dumps(TINY, indent=1))
+    return path
+
+
+def config_list(*files: str | Path) -> str:
+    """MONAI's list syntax for ``--config_file``: bundle config names or paths."""
+    paths = [str(f) if Path(str(f)).is_absolute() else str(CONFIGS / f) for f in files]
+    return "[" + ",".join(f"'{p}'" for p in paths) + "]"
+
+
+def run_cli(command: str, configs: list, env: dict, *args: str, timeout: float = 600,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle <command> --config_file [...] <args>`` in the repository root."""
+    cmd = [sys.executable, "-m", "monai.bundle", command, "--config_file", config_list(*configs), *map(str, args)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc.elapsed = time.time() - t0
+    if check and proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise AssertionError(f"{' '.join(cmd)} failed with exit {proc.returncode}:\n{tail}")
+    return proc
