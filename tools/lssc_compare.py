@@ -115,8 +115,8 @@ def plot_comparison(rows: list[dict[str, Any]], out_png: str | Path) -> Path:
                 ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.0f}", ha="center", fontsize=8)
     ax.set_xticks(x, [f"{r['method']}\n{r['data']}" for r in rows], fontsize=8)
     ax.set_ylabel("mean Dice (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(loc="lower right")
+    ax.set_ylim(0, 115)
+    ax.legend(loc="upper right", ncol=2)
     ax.set_title("LSSC settings on the test split")
     return save_figure(fig, out_png)
 
@@ -161,10 +161,11 @@ def run_comparison(settings: str | Sequence[str] = "full,full_mr1,baseline_mr,ba
             t1 = time.time()
             print(f"== [{i}/{len(names)}] {name}: evaluating", flush=True)
             run_workflow(CONFIGS, ["train.json", "evaluate.json"], "train", **run)
-            train_seconds = t1 - t0
+            (root / "train_seconds.txt").write_text(f"{t1 - t0:.1f}\n")
         else:
             print(f"== [{i}/{len(names)}] {name}: reusing {metrics_path}", flush=True)
-            train_seconds = float("nan")
+        timing = root / "train_seconds.txt"
+        train_seconds = float(timing.read_text()) if timing.is_file() else float("nan")
         metrics = json.loads(metrics_path.read_text())
         rows.append({"setting": name, "method": method, "data": data, "overrides": keys, "run_dir": str(root),
                      "table2": metrics["table2"], "metrics": metrics["metrics"], "train_seconds": train_seconds})

@@ -24,7 +24,7 @@ SYNTHETIC_KINDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ted": ("common.data.synthetic.echo_layouts", "write_ted", {"n_patients": 8}),
     "tracking": ("common.data.synthetic.echo_layouts", "write_tracking_h5", {"n_videos": 12}),
     "acdc": ("common.data.synthetic.acdc", "write_acdc", {"n_patients": 12}),
-    "mmwhs": ("common.data.synthetic.mmwhs", "write_mmwhs", {"n_ct": 10, "n_mr": 10}),
+    "mmwhs": ("common.data.synthetic.mmwhs", "write_mmwhs", {"n_ct": 20, "n_mr": 20}),  # as MM-WHS 2017 training
     "abdomen": ("common.data.synthetic.abdomen", "write_abdomen", {}),
     "registration": ("common.data.synthetic.registration", "write_registration_pairs", {"n_pairs": 24}),
 }

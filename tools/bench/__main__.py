@@ -6,7 +6,7 @@ import importlib
 
 import fire
 
-BENCHMARKS = ("sinkhorn", "cost_volume", "specknet", "botm")
+BENCHMARKS = ("sinkhorn", "cost_volume", "specknet", "botm", "lssc")
 
 
 def _runner(name: str):

@@ -45,14 +45,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def lssc_env(tmp_path_factory) -> dict[str, str]:
-    """Environment of the CLI runs: CARDIAC_DATA_DIR at a temporary folder holding the synthetic default
-    (10 CT + 10 MRI volumes in the MM-WHS layout), generated here once for the whole session."""
-    from common.data.default import generate_dataset
+def lssc_env() -> dict[str, str]:
+    """Environment of the CLI runs: the test session's CARDIAC_DATA_DIR (tests/conftest.py) holding the synthetic
+    default (20 CT + 20 MRI volumes in the MM-WHS layout), generated once and shared with the conformance test."""
+    from common.data.default import default_dataset_dir, ensure_dataset
 
-    root = tmp_path_factory.mktemp("lssc_cardiac_data")
-    generate_dataset("mmwhs", root / "mmwhs-seed0", seed=0, progress=False)
-    return {**os.environ, "CARDIAC_DATA_DIR": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    ensure_dataset(default_dataset_dir("mmwhs"), "mmwhs", progress=False)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session")
