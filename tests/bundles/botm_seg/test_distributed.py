@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,17 @@ def torchrun(configs, *args):
     cfg = "[" + ",".join(f"'{c if os.path.isabs(str(c)) else CONFIGS / c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
            "run", "--config_file", cfg, *map(str, args)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    for attempt in (1, 2):
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=600)
+        log = proc.stdout + proc.stderr
+        # Once in CI (0 of 21 runs since) a gloo rank aborted natively mid-training on the loaded 2-core machine:
+        # "terminate called without an active exception", exit -6. Only that exact signature is retried, once; any
+        # other failure, or the same one twice, fails the test.
+        if proc.returncode == 0 or attempt == 2 or "terminate called without an active exception" not in log:
+            break
+        warnings.warn(f"torchrun: a rank aborted natively (gloo); retrying once. Log tail:\n{log[-1500:]}",
+                      stacklevel=2)
     assert proc.returncode == 0, log[-4000:]
     return log
 
