@@ -67,3 +67,15 @@ def has_triton() -> bool:
 
 def which(cmd: str) -> str | None:
     return shutil.which(cmd)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-tensor tests: on the shared 2-core machine OpenMP threads mostly wait
+    for each other. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,15 +19,11 @@ from common.data.io import DataError, read_image, write_nifti
 
 CONFIGS = Path(__file__).resolve().parents[3] / "bundles" / "adacs_registration" / "configs"
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def _tiny_inference_overrides() -> dict:

@@ -16,20 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 DICE_MARGIN = 0.08  # measured about +0.2 over identity (README)
 SCORE_GAP = 0.15  # measured about 0.3 inside vs 0.75 outside the lost regions
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_adacs_learns_registration_and_scores_lost_regions_low(tmp_path, monkeypatch):

@@ -27,12 +27,8 @@ TINY = {**TINY_NETWORK, "spatial_size": [64, 64], "num_workers": 0, "batch_size"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: one thread avoids oversubscribing the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread_per_module(one_torch_thread):
+    """Every test module here runs with one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

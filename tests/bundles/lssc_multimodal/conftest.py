@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUNDLE = REPO_ROOT / "bundles" / "lssc_multimodal"
@@ -36,12 +35,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: one thread avoids oversubscribing the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread_per_module(one_torch_thread):
+    """Every test module here runs with one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,7 @@ from common.transforms.slices import (
     volume_to_slice_stacks,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ref_stack(vol: np.ndarray, s: int, axis: int, n: int) -> np.ndarray:

@@ -14,20 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 # an apical view: points along the ventricle wall of pydicom-data's color3d_jpeg_baseline.dcm (640 x 480, 120 frames)
 DICOM_POINTS = [[262, 330], [265, 290], [272, 250], [282, 210], [298, 170], [322, 140], [350, 160], [370, 200],
                 [385, 245], [395, 290], [400, 330]]
 DICOM_QUERY_FRAME = 86  # int(0.72 * 120), diastasis
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _us_dicom() -> Path:

@@ -14,22 +14,13 @@ import time
 import warnings
 
 import pytest
-import torch
 
 from common.data.synthetic.echo_layouts import write_tracking_h5
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 LEARNING = {"image_size": 128, "clip_len": 8, "batch_size": 2, "epochs": 6, "val_interval": 6, "augment": False,
             "val_fraction": 0.1, "test_fraction": 0.4}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_short_training_beats_zero_motion_on_held_out_videos(specknet, tmp_path):

@@ -28,15 +28,10 @@ from common.engines.lssc import (
 )
 from common.metrics.segmentation import asd_per_class, dice_per_class
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 TINY = dict(img_size=32, embed_dim=12, num_heads=(1, 2, 4, 8), window_size=2, drop_path_rate=0.0, num_classes=3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _volume_entries(rng: np.random.Generator, modality: str, n: int, shape: tuple[int, int, int],

@@ -34,19 +34,13 @@ from common.losses.adacs import (
 from common.networks.registration import StackedPairAdapter, VoxelMorphEstimator
 from common.networks.scoring import ScoringNet, VarianceNet
 
-pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 SMALL = {"enc_channels": (4, 8, 8, 8), "dec_channels": (8, 8, 8, 8, 8, 4, 4)}
 SIZE = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors on a shared 2-core machine: one thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _adapter(seed: int = 0) -> StackedPairAdapter:

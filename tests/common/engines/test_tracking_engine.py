@@ -48,14 +48,7 @@ from common.metrics.tracking import global_longitudinal_strain
 from common.networks.specknet import SpeckNetBundleAdapter
 from common.transforms.video import QueryFramed
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: OpenMP threads only wait for each other on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ from common.metrics.segmentation import (
     voxel_spacing,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_maps(rng: np.random.Generator, shape=(12, 14, 9), z: int = 4) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,9 @@ from monai.networks.nets import AttentionUnet, SwinUNETR, UNet
 from common.networks.botm import BOTMSegNet
 from common.networks.factory import SEGMENTATION_NETWORKS, FramewiseSegNet, build_segmentation_network
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 TINY = {
     "botm": dict(widths=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), decoder_width=16,
                  sinkhorn_iters=5),
@@ -16,14 +19,6 @@ TINY = {
     "attentionunet": dict(channels=(4, 8, 16), strides=(2, 2)),
     "swinunetr": dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def build(name: str, seed: int = 0, **kw) -> torch.nn.Module:
