@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tools import runs
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUNDLE = REPO_ROOT / "bundles" / "lssc_multimodal"
@@ -58,18 +58,11 @@ def tiny_json(tmp_path_factory) -> Path:
 
 def config_list(*files: str | Path) -> str:
     """MONAI's list syntax for ``--config_file``: bundle config names or paths."""
-    paths = [str(f) if Path(str(f)).is_absolute() else str(CONFIGS / f) for f in files]
-    return "[" + ",".join(f"'{p}'" for p in paths) + "]"
+    return runs.config_list(CONFIGS, *files)
 
 
 def run_cli(command: str, configs: list, env: dict, *args: str, timeout: float = 600,
             check: bool = True) -> subprocess.CompletedProcess:
     """``python -m monai.bundle <command> --config_file [...] <args>`` in the repository root."""
-    cmd = [sys.executable, "-m", "monai.bundle", command, "--config_file", config_list(*configs), *map(str, args)]
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    proc.elapsed = time.time() - t0
-    if check and proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise AssertionError(f"{' '.join(cmd)} failed with exit {proc.returncode}:\n{tail}")
-    return proc
+    return runs.run_bundle_cli(command, config_list(*configs), *args, env=env, cwd=REPO_ROOT, check=check,
+                               timeout=timeout)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from tools import runs
 
 REPO = Path(__file__).resolve().parents[3]
 BUNDLE = REPO / "bundles" / "specknet_tracking"
@@ -20,27 +21,18 @@ TINY_TRAIN = {**TINY, "epochs": "1", "val_interval": "1"}
 
 
 def config_list(*names: str) -> str:
-    return "[" + ",".join(f"'{CONFIGS / n}'" for n in names) + "]"
+    return runs.config_list(CONFIGS, *names)
 
 
-def cli_args(overrides: dict[str, str]) -> list[str]:
-    out = []
-    for k, v in overrides.items():
-        out += [f"--{k}", str(v)]
-    return out
+cli_args = runs.override_args
 
 
 def run_bundle(configs: list[str], overrides: dict[str, str], env: dict[str, str], cwd: Path,
                check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` in a subprocess (one OpenMP thread: the CI machine has 2 shared cores)."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_list(*configs),
-           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-           *cli_args(overrides)]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(configs)} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
+    """``python -m monai.bundle run`` of this bundle in a subprocess."""
+    return runs.run_bundle_cli("run", config_list(*configs), "--meta_file", CONFIGS / "metadata.json",
+                               "--logging_file", CONFIGS / "logging.conf", *cli_args(overrides), env=env, cwd=cwd,
+                               check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
