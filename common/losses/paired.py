@@ -1,13 +1,14 @@
 """BOTM's training loss: 0.5 cross-entropy + 0.5 Dice on each frame of a pair, summed over the frames.
 
 Paper Sec. 3.1: "the standard Dice and Cross-Entropy loss function with the same weight"; ``METHODS.md`` §1 (from
-the authors' code): per frame, summed over both frames.
+the authors' code): per frame, summed over both frames. Each frame's term is MONAI's ``DiceCELoss``; this module only
+splits the stacked frames and checks the inputs.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
 __all__ = ["PairedDiceCELoss"]
@@ -28,9 +29,9 @@ class PairedDiceCELoss(nn.Module):
     * ``logits`` ``(B, F C, *spatial)``: frame ``k``'s logits in channels ``[k C, (k + 1) C)`` (BOTM: ``F = 2``);
     * ``label`` ``(B, F, *spatial)`` integer class ids (any numeric dtype holding integers).
 
-    Returns a scalar. Dice is computed per sample and class (soft Dice of the softmax probabilities), averaged over
-    the classes and the batch -- MONAI ``DiceLoss(softmax=True, to_onehot_y=True)`` with ``batch=False``; the
-    cross-entropy is the mean over pixels and the batch.
+    Returns a scalar. Each frame's term is MONAI ``DiceCELoss(softmax=True, to_onehot_y=True)``: the soft Dice of the
+    softmax probabilities per sample and class (``batch=False``), averaged over the classes and the batch, plus the
+    cross-entropy averaged over pixels and the batch (always over all classes, as in the authors' code).
     """
 
     def __init__(self, num_classes: int, ce_weight: float = 0.5, dice_weight: float = 0.5,
@@ -45,6 +46,9 @@ class PairedDiceCELoss(nn.Module):
         self.dice_weight = float(dice_weight)
         self.include_background = bool(include_background)
         self.smooth = float(smooth)
+        self.dice_ce = DiceCELoss(include_background=self.include_background, to_onehot_y=True, softmax=True,
+                                  smooth_nr=self.smooth, smooth_dr=self.smooth, lambda_dice=self.dice_weight,
+                                  lambda_ce=self.ce_weight)
 
     def _check(self, logits: Tensor, label: Tensor) -> tuple[int, Tensor]:
         c = self.num_classes
@@ -69,19 +73,13 @@ class PairedDiceCELoss(nn.Module):
         return n_frames, y
 
     def frame_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Loss of one frame: ``logits`` ``(B, C, *spatial)``, ``target`` ``(B, *spatial)`` long."""
-        ce = F.cross_entropy(logits.float(), target)
-        prob = torch.softmax(logits.float(), dim=1)
-        onehot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(prob.dtype)
-        if not self.include_background:
-            prob, onehot = prob[:, 1:], onehot[:, 1:]
-        dims = tuple(range(2, prob.ndim))
-        inter = (prob * onehot).sum(dims)
-        denom = prob.sum(dims) + onehot.sum(dims)
-        dice = 1.0 - (2.0 * inter + self.smooth) / (denom + self.smooth)
-        return self.ce_weight * ce + self.dice_weight * dice.mean()
+        """Loss of one frame: ``logits`` ``(B, C, *spatial)``, ``target`` ``(B, *spatial)`` class ids."""
+        # float32 at least: half-precision logits would lose the small Dice smoothing terms
+        return self.dice_ce(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
+                            target.unsqueeze(1))
 
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:
+        """Sum of :meth:`frame_loss` over the frames (see the class docstring for the shapes)."""
         n_frames, y = self._check(logits, label)
         c = self.num_classes
         return sum(self.frame_loss(logits[:, k * c : (k + 1) * c], y[:, k]) for k in range(n_frames))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,11 +104,8 @@ def frame_rows(pred: Any, label: Any, class_names: Sequence[str], spacing: Seque
         missed = np.array([bool((y[k] == c).any()) and not bool((p[k] == c).any()) for c in range(1, num_classes)])
         for m in metrics:
             kw = {"spacing": spacing} if m in _DISTANCES else {}
-            with warnings.catch_warnings():
-                # MONAI's surface-distance helpers emit a deprecation warning per call; it says nothing about data
-                warnings.simplefilter("ignore", FutureWarning)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                values = SEGMENTATION_METRICS[m](p[k], y[k], num_classes, **kw)
+            # MONAI's per-call notices are silenced inside the metric functions (monai_distance_notices_ignored)
+            values = SEGMENTATION_METRICS[m](p[k], y[k], num_classes, **kw)
             if m in _DISTANCES:
                 # a structure the prediction misses is infinitely far (MONAI gives NaN instead of inf for HD95)
                 values = np.where(missed, np.inf, values)

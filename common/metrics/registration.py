@@ -41,6 +41,8 @@ from monai.metrics import compute_average_surface_distance, compute_dice, comput
 from monai.networks.blocks.warp import Warp
 from torch import Tensor
 
+from common.metrics.segmentation import monai_distance_notices_ignored
+
 __all__ = [
     "jacobian_determinant",
     "mask_overlap_metrics",
@@ -90,7 +92,8 @@ def warp_mask(mask: Tensor, displacement: Tensor, mode: str = "linear", num_labe
     ddf = displacement.detach().float()
     with warnings.catch_warnings():
         # MONAI announces its pure-PyTorch resampler on every construction
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyTorch native grid_sample",
+                                category=UserWarning)
         warper = Warp(mode="bilinear" if mode == "linear" else "nearest", padding_mode="zeros")
     if mode == "nearest":
         return warper(labels.float(), ddf).round().long()
@@ -129,13 +132,17 @@ def mask_overlap_metrics(
     pred = _onehot_binary(pred_mask.detach().cpu(), label)
     gt = _onehot_binary(target_mask.detach().cpu(), label)
     dice = compute_dice(pred, gt, include_background=False, ignore_empty=False)[:, 0]
-    hd = compute_hausdorff_distance(pred, gt, include_background=False, spacing=spacing)[:, 0]
-    hd95 = compute_hausdorff_distance(pred, gt, include_background=False, percentile=95, spacing=spacing)[:, 0]
-    if symmetric_asd:
-        asd = compute_average_surface_distance(pred, gt, include_background=False, symmetric=True, spacing=spacing)
-    else:
-        # MONAI measures from y_pred's boundary to y's: the target goes first for target -> warped
-        asd = compute_average_surface_distance(gt, pred, include_background=False, symmetric=False, spacing=spacing)
+    # an empty mask is worth MONAI's notice here (no NaN/inf convention of our own), its deprecation notice is not
+    with monai_distance_notices_ignored(empty_class=False):
+        hd = compute_hausdorff_distance(pred, gt, include_background=False, spacing=spacing)[:, 0]
+        hd95 = compute_hausdorff_distance(pred, gt, include_background=False, percentile=95, spacing=spacing)[:, 0]
+        if symmetric_asd:
+            asd = compute_average_surface_distance(pred, gt, include_background=False, symmetric=True,
+                                                   spacing=spacing)
+        else:
+            # MONAI measures from y_pred's boundary to y's: the target goes first for target -> warped
+            asd = compute_average_surface_distance(gt, pred, include_background=False, symmetric=False,
+                                                   spacing=spacing)
     return {"dice": dice.float(), "hd": hd.float(), "hd95": hd95.float(), "asd": asd[:, 0].float()}
 
 

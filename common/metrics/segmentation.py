@@ -26,7 +26,8 @@ Conventions (the choices MONAI leaves to the caller):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ __all__ = [
     "iou_per_class",
     "mae_per_class",
     "mean_over_slices",
+    "monai_distance_notices_ignored",
     "one_hot_labels",
     "per_slice_metrics",
     "segmentation_metrics",
@@ -138,13 +140,30 @@ def specificity_per_class(pred: Any, label: Any, num_classes: int, include_backg
     return _select(compute_confusion_matrix_metric("specificity", cm))
 
 
+@contextmanager
+def monai_distance_notices_ignored(empty_class: bool = True) -> Iterator[None]:
+    """Silence exactly the notices MONAI 1.6's surface-distance functions give on every call; any other warning
+    still shows.
+
+    * ``UserWarning`` "the prediction/ground truth of class N is all 0, this may result in nan/inf distance"
+      (only with ``empty_class``): an absent class is handled by this module's convention (NaN or inf, see the
+      module docstring).
+    * ``FutureWarning`` about ``get_mask_edges``' deprecated ``always_return_as_numpy`` argument, which MONAI's own
+      metric code passes: nothing the caller can change.
+    """
+    with warnings.catch_warnings():
+        if empty_class:
+            warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class \d+ is all 0",
+                                    category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*always_return_as_numpy", category=FutureWarning)
+        yield
+
+
 def _distance(fn: Callable[..., torch.Tensor], pred: Any, label: Any, num_classes: int, spacing: Any,
               include_background: bool, **kwargs: Any) -> np.ndarray:
     p, y = _check_pair(pred, label, num_classes)
     sp = voxel_spacing(spacing, p.dim())
-    with warnings.catch_warnings():
-        # MONAI warns for every empty class (handled by the module convention) and about its own deprecated internals
-        warnings.simplefilter("ignore")
+    with monai_distance_notices_ignored():
         out = fn(one_hot_labels(p, num_classes), one_hot_labels(y, num_classes),
                  include_background=include_background, spacing=sp, **kwargs)
     values = _select(out)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import DropPath
 from torch import Tensor, nn
 
 __all__ = ["MixVisionTransformer", "SegFormerMLPDecoder"]
@@ -38,23 +39,6 @@ def _check_lengths(**seqs: Sequence) -> int:
     if n < 1:
         raise ValueError("at least one encoder stage is needed")
     return n
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch of a sample with probability ``p`` (training only)."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
-        self.p = float(p)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -134,6 +118,7 @@ class MiTBlock(nn.Module):
         self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = MixFFN(dim, mlp_ratio)
+        # MONAI's stochastic depth: per sample, the whole branch is kept (scaled by 1 / keep) or dropped
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
@@ -218,6 +203,8 @@ class MixVisionTransformer(nn.Module):
                 f"in_channels, mlp_ratio, depths, widths and strides must be >= 1, got in_channels={in_channels}, "
                 f"mlp_ratio={mlp_ratio}, depths={list(depths)}, widths={list(widths)}, strides={list(strides)}"
             )
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.widths = [int(w) for w in widths]
         self.strides = [int(s) for s in strides]
         rates = torch.linspace(0.0, float(drop_path_rate), sum(depths)).tolist()

@@ -26,8 +26,6 @@ from common.transforms.intensity import (
 from common.transforms.paired import (
     AffineParams,
     RandPairedAffined,
-    RandPairedFlipd,
-    RandPairedRotated,
     SharedAffined,
     paired_frame_augmentation,
     warp_affine,
@@ -65,8 +63,6 @@ __all__ = [
     "warp_affine",
     "SharedAffined",
     "RandPairedAffined",
-    "RandPairedFlipd",
-    "RandPairedRotated",
     "paired_frame_augmentation",
     # intensity
     "JPEG_LUMINANCE_TABLE",

@@ -1,8 +1,10 @@
 """Spatial transforms that draw ONE set of random parameters per sample and apply it to every key.
 
 BOTM trains on a pair of frames (ED/ES, or t/t+1) with their labels; flipping or rotating one frame but not the other
-would break the correspondence the optimal-transport blocks learn from. The same machinery moves point trajectories
-with the image for the tracking transforms in :mod:`common.transforms.video`.
+would break the correspondence the optimal-transport blocks learn from. :func:`paired_frame_augmentation` uses
+MONAI's ``RandFlipd``/``RandRotated``, which already share one draw across all their keys (tested equal to
+:func:`warp_affine`). :class:`RandPairedAffined` is kept for what MONAI's dictionary transforms do not do: moving
+point trajectories and their visibility with the image (the tracking transforms in :mod:`common.transforms.video`).
 
 Arrays are ``(..., H, W)``: the last two axes are spatial and every leading axis (frames stacked as channels, time)
 receives the same warp. Typical BOTM sample: ``image`` ``(2, H, W)`` float and ``label`` ``(2, H, W)`` int, or
@@ -36,8 +38,6 @@ __all__ = [
     "warp_affine",
     "SharedAffined",
     "RandPairedAffined",
-    "RandPairedFlipd",
-    "RandPairedRotated",
     "paired_frame_augmentation",
 ]
 
@@ -329,78 +329,6 @@ class RandPairedAffined(RandomizableTransform, SharedAffined):
         return self.apply_params(data, self.params)
 
 
-class RandPairedFlipd(RandPairedAffined):
-    """Flip every image/label key (and points) together with probability ``prob`` (BOTM: horizontal, p = 0.5).
-
-    Flips are exact index reversals (no interpolation), so labels keep their values.
-
-    Args:
-        keys: image and label keys ``(..., H, W)``.
-        prob: probability of flipping the sample.
-        horizontal: flip left-right (the W axis); ``vertical``: flip up-down (the H axis). Both true flips both.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        prob: float = 0.5,
-        horizontal: bool = True,
-        vertical: bool = False,
-        point_keys: KeysCollection = (),
-        visible_keys: KeysCollection = (),
-        allow_missing_keys: bool = False,
-    ) -> None:
-        if not (horizontal or vertical):
-            raise ValueError("RandPairedFlipd: at least one of horizontal/vertical must be true")
-        super().__init__(
-            keys,
-            point_keys=point_keys,
-            visible_keys=visible_keys,
-            mode="nearest",
-            prob=prob,
-            rotate_prob=0.0,
-            scale_prob=0.0,
-            translate_prob=0.0,
-            shear_prob=0.0,
-            hflip_prob=1.0 if horizontal else 0.0,
-            vflip_prob=1.0 if vertical else 0.0,
-            allow_missing_keys=allow_missing_keys,
-        )
-
-
-class RandPairedRotated(RandPairedAffined):
-    """Rotate every key by the same random angle in ``[-range_deg, range_deg]`` with probability ``prob``.
-
-    BOTM's training code: ±20°, p = 0.5. Use ``mode=("bilinear", "nearest")`` for ``keys=("image", "label")``.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        range_deg: float = 20.0,
-        prob: float = 0.5,
-        mode: str | Sequence[str] = "bilinear",
-        padding_mode: str | Sequence[str] = "zeros",
-        point_keys: KeysCollection = (),
-        visible_keys: KeysCollection = (),
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(
-            keys,
-            point_keys=point_keys,
-            visible_keys=visible_keys,
-            mode=mode,
-            padding_mode=padding_mode,
-            prob=prob,
-            rotate_range=range_deg,
-            rotate_prob=1.0,
-            scale_prob=0.0,
-            translate_prob=0.0,
-            shear_prob=0.0,
-            allow_missing_keys=allow_missing_keys,
-        )
-
-
 def paired_frame_augmentation(
     image_keys: KeysCollection = ("image",),
     label_keys: KeysCollection = ("label",),
@@ -411,17 +339,25 @@ def paired_frame_augmentation(
 ) -> Compose:
     """BOTM training augmentation: horizontal flip (paper, p = 0.5), then rotation ±``rotate_deg`` (authors' code).
 
-    ``rotate_prob=0`` gives the paper-only form. Images are interpolated bilinearly, labels by nearest neighbour;
-    both frames and both labels always share the parameters.
+    MONAI's ``RandFlipd`` (last spatial axis, exact index reversal) and ``RandRotated`` (angle uniform in
+    ``[-rotate_deg, rotate_deg]`` about the image centre, zeros outside, same size); each draws once per sample for
+    all keys, so both frames and both labels always share the parameters. Images are interpolated bilinearly,
+    labels by nearest neighbour (they stay integer-valued; MONAI returns them as float32 tensors). Arrays are
+    channel first: ``(C, H, W)`` with the frames as channels, or one ``(1, H, W)`` key per frame.
+    ``rotate_prob=0`` gives the paper-only form.
     """
+    from monai.transforms import RandFlipd, RandRotated
+
+    if not 0.0 <= float(rotate_deg) < 180.0:
+        raise ValueError(f"rotate_deg must be in [0, 180), got {rotate_deg}")
     img, lab = ensure_tuple(image_keys), ensure_tuple(label_keys)
     keys = img + lab
     modes = ("bilinear",) * len(img) + ("nearest",) * len(lab)
     return Compose(
         [
-            RandPairedFlipd(keys, prob=flip_prob, horizontal=True, allow_missing_keys=allow_missing_keys),
-            RandPairedRotated(
-                keys, range_deg=rotate_deg, prob=rotate_prob, mode=modes, allow_missing_keys=allow_missing_keys
-            ),
+            RandFlipd(keys, prob=_check_prob(flip_prob, "flip_prob"), spatial_axis=-1,
+                      allow_missing_keys=allow_missing_keys),
+            RandRotated(keys, range_x=float(np.deg2rad(rotate_deg)), prob=_check_prob(rotate_prob, "rotate_prob"),
+                        keep_size=True, mode=modes, padding_mode="zeros", allow_missing_keys=allow_missing_keys),
         ]
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,8 @@ from common.metrics.segmentation import (
     iou_per_class,
     mae_per_class,
     mean_over_slices,
+    monai_distance_notices_ignored,
+    one_hot_labels,
     per_slice_metrics,
     segmentation_metrics,
     specificity_per_class,
@@ -186,3 +190,31 @@ def test_bad_inputs_name_the_problem():
         segmentation_metrics(label, label, 3, ("dice", "volume"))
     with pytest.raises(ValueError, match="num_classes"):
         dice_per_class(label, label, 1)
+
+
+def test_distance_metrics_silence_only_monais_per_call_notices():
+    pred, label = np.zeros((16, 16), np.int64), np.zeros((16, 16), np.int64)
+    pred[2:8, 2:8], label[3:9, 3:9], label[10:14, 10:14] = 1, 1, 2  # class 2 missed, class 3 absent from both
+    with warnings.catch_warnings(record=True) as monai_notices:
+        warnings.simplefilter("always")
+        from monai.metrics import compute_hausdorff_distance
+
+        compute_hausdorff_distance(one_hot_labels(pred, 4), one_hot_labels(label, 4), spacing=[1.0, 1.0])
+    kinds = {w.category for w in monai_notices}
+    assert {UserWarning, FutureWarning} <= kinds  # MONAI does give the notices the module silences
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for fn in (hausdorff_per_class, hd95_per_class, asd_per_class):
+            fn(pred, label, 4, spacing=1.0)
+    assert [str(w.message) for w in caught] == []
+    # any other warning raised under the filter still reaches the caller, as does the same text in another category
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with monai_distance_notices_ignored():
+            warnings.warn("the ground truth of class 3 is all 0, this may result in nan/inf distance.", UserWarning,
+                          stacklevel=1)
+            warnings.warn("get_mask_edges:always_return_as_numpy: Argument deprecated", FutureWarning, stacklevel=1)
+            warnings.warn("spacing looks wrong", UserWarning, stacklevel=1)
+            warnings.warn("the prediction of class 2 is all 0", RuntimeWarning, stacklevel=1)
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (UserWarning, "spacing looks wrong"), (RuntimeWarning, "the prediction of class 2 is all 0")]

@@ -9,9 +9,11 @@ import io
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.networks import layers as monai_layers
 
 from common.networks.botm import (
     AnatomicalImportance,
@@ -71,6 +73,28 @@ def test_encoder_stage_shapes_mit_b2_defaults():
         enc_args = {k: v for k, v in TINY.items() if k != "decoder_width"}
         feats = MixVisionTransformer(**enc_args)(torch.zeros(1, 1, 64, 96))
     assert [tuple(f.shape) for f in feats] == [(1, 8, 16, 24), (1, 16, 8, 12), (1, 24, 4, 6), (1, 32, 2, 3)]
+
+
+def test_stochastic_depth_rates_and_per_sample_drop():
+    # MONAI's DropPath in every MiT block, rates rising linearly from 0 to drop_path_rate over all blocks
+    enc = MixVisionTransformer(widths=(8, 16), depths=(2, 3), num_heads=(1, 2), patch_sizes=(7, 3), strides=(4, 2),
+                               sr_ratios=(2, 1), drop_path_rate=0.4)
+    blocks = [b for s in enc.stages for b in s.blocks]
+    assert all(isinstance(b.drop_path, monai_layers.DropPath) for b in blocks)
+    np.testing.assert_allclose([b.drop_path.drop_prob for b in blocks], np.linspace(0.0, 0.4, 5), atol=1e-7)
+    # the formula of the replaced implementation, drawn from the same generator state: per sample the whole branch
+    # is kept and scaled by 1 / keep, or dropped; identity in eval mode
+    dp = blocks[-1].drop_path.train()
+    x = torch.randn(64, 5, 3)
+    torch.manual_seed(3)
+    out = dp(x)
+    torch.manual_seed(3)
+    keep = torch.empty(64, 1, 1).bernoulli_(0.6)
+    torch.testing.assert_close(out, x * keep / 0.6)
+    assert 0 < int(keep.sum()) < 64
+    assert torch.equal(dp.eval()(x), x)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        MixVisionTransformer(drop_path_rate=1.0)
 
 
 def test_decoder_equals_upsample_then_classify():

@@ -1,4 +1,5 @@
-"""Paired-frame transforms (BOTM): one parameter draw for both frames and both labels; severity corruptions."""
+"""Paired-frame transforms (BOTM): one parameter draw for both frames and both labels (MONAI RandFlipd/RandRotated,
+shown equal to our warp); our shared affine with points; severity corruptions."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 from common.transforms import (
     AffineParams,
     RandPairedAffined,
-    RandPairedFlipd,
-    RandPairedRotated,
     SeverityBlurd,
     SeverityGaussNoised,
     affine_matrix,
@@ -43,26 +42,33 @@ def pair_sample(rng: np.random.Generator, identical: bool = True) -> dict:
     return {"image": image, "label": labels_from(image)}
 
 
+def flip_only(prob: float = 1.0) -> Compose:
+    return paired_frame_augmentation(("image",), ("label",), flip_prob=prob, rotate_prob=0.0)
+
+
+def rotate_only(prob: float = 1.0, deg: float = 20.0) -> Compose:
+    return paired_frame_augmentation(("image",), ("label",), flip_prob=0.0, rotate_prob=prob, rotate_deg=deg)
+
+
 def test_flip_is_exact_and_shared_by_both_frames_and_labels():
     rng = np.random.default_rng(0)
     d = pair_sample(rng, identical=False)
-    out = RandPairedFlipd(("image", "label"), prob=1.0)(d)
-    np.testing.assert_array_equal(out["image"], d["image"][..., ::-1])
-    np.testing.assert_array_equal(out["label"], d["label"][..., ::-1])
-    assert out["label"].dtype == np.int64
-    out = RandPairedFlipd(("image", "label"), prob=1.0, horizontal=False, vertical=True)(d)
-    np.testing.assert_array_equal(out["image"], d["image"][:, ::-1])
-    same = RandPairedFlipd(("image", "label"), prob=0.0)(d)
-    np.testing.assert_array_equal(same["image"], d["image"])
+    out = flip_only(1.0)(d)
+    np.testing.assert_array_equal(np.asarray(out["image"]), d["image"][..., ::-1])
+    np.testing.assert_array_equal(np.asarray(out["label"]), d["label"][..., ::-1])
+    same = flip_only(0.0)(d)
+    np.testing.assert_array_equal(np.asarray(same["image"]), d["image"])
+    np.testing.assert_array_equal(np.asarray(same["label"]), d["label"])
 
-    tr = RandPairedFlipd(("image", "label"), prob=0.5)
+    tr = flip_only(0.5)
     tr.set_random_state(0)
     flips = 0
     for _ in range(400):
         o = tr(d)
-        flipped = np.array_equal(o["image"], d["image"][..., ::-1])
-        assert flipped or np.array_equal(o["image"], d["image"])
-        assert np.array_equal(o["label"], d["label"][..., ::-1] if flipped else d["label"])  # label follows image
+        img, lab = np.asarray(o["image"]), np.asarray(o["label"])
+        flipped = np.array_equal(img, d["image"][..., ::-1])
+        assert flipped or np.array_equal(img, d["image"])
+        assert np.array_equal(lab, d["label"][..., ::-1] if flipped else d["label"])  # label follows image
         flips += flipped
     assert 0.42 < flips / 400 < 0.58
 
@@ -89,35 +95,42 @@ def test_separate_frame_keys_get_the_same_draw():
 def test_rotation_shared_by_frames_and_labels_stay_integer(seed):
     rng = np.random.default_rng(seed)
     d = pair_sample(rng, identical=True)
-    tr = RandPairedRotated(("image", "label"), range_deg=20.0, prob=1.0, mode=("bilinear", "nearest"))
+    tr = rotate_only(1.0, 20.0)
     tr.set_random_state(seed)
     out = tr(d)
-    assert tr.params.rotate_deg != 0.0 and abs(tr.params.rotate_deg) <= 20.0
-    np.testing.assert_array_equal(out["image"][0], out["image"][1])
-    np.testing.assert_array_equal(out["label"][0], out["label"][1])
-    assert out["label"].dtype == np.int64 and set(np.unique(out["label"])) <= {0, 1, 2, 3}
-    inv = np.linalg.inv(affine_matrix((H, W), rotate_deg=tr.params.rotate_deg))
+    deg = float(np.rad2deg(tr.transforms[1].rand_rotate.x))
+    assert deg != 0.0 and abs(deg) <= 20.0
+    img, lab = np.asarray(out["image"]), np.asarray(out["label"])
+    np.testing.assert_array_equal(img[0], img[1])
+    np.testing.assert_array_equal(lab[0], lab[1])
+    assert set(np.unique(lab)) <= {0, 1, 2, 3}
+    # MONAI's rotation is our pixel-centre warp at the same angle (which is why paired_frame_augmentation uses it)
+    m = affine_matrix((H, W), rotate_deg=deg)
+    np.testing.assert_allclose(img, warp_affine(d["image"], m, mode="bilinear"), atol=1e-4)  # float32 sampling
+    np.testing.assert_array_equal(lab, warp_affine(d["label"], m, mode="nearest"))
+    inv = np.linalg.inv(m)
     ys, xs = np.mgrid[0:H, 0:W].astype(np.float64)
     sx, sy = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2], inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
     interior = (sx > 1) & (sx < W - 2) & (sy > 1) & (sy < H - 2)  # sources away from the zero padding
     # label moved with the image: thresholding the rotated image reproduces the rotated label away from class
     # boundaries (there nearest and bilinear sampling may legitimately disagree)
-    rot = out["image"][0]
+    rot = img[0]
     away = interior & (np.min(np.abs(rot[..., None] - np.array([0.35, 0.55, 0.75])), axis=-1) > 0.05)
-    agree = (labels_from(rot) == out["label"][0])[away].mean()
+    agree = (labels_from(rot) == lab[0])[away].mean()
     assert away.mean() > 0.35 and agree > 0.995, (away.mean(), agree)
     # and the labels are the nearest-neighbour samples of the original at the inverse-mapped pixel centres
     ref = map_coordinates(d["label"][0].astype(float), [sy, sx], order=0, mode="constant", cval=0.0)
-    assert (ref[interior] == out["label"][0][interior]).mean() > 0.995
+    assert (ref[interior] == lab[0][interior]).mean() > 0.995
 
 
 def test_rotation_probability_and_range():
-    tr = RandPairedRotated(("image",), range_deg=20.0, prob=0.5)
+    tr = rotate_only(0.5, 20.0).transforms[1]
     tr.set_random_state(0)
     angles = []
     for _ in range(2000):
-        tr.randomize(None, (H, W))
-        angles.append(tr.params.rotate_deg)
+        tr.randomize(None)
+        tr.rand_rotate.randomize()
+        angles.append(np.rad2deg(tr.rand_rotate.x) if tr._do_transform else 0.0)
     angles = np.array(angles)
     assert 0.45 < (angles != 0).mean() < 0.55
     assert np.abs(angles).max() <= 20.0 and np.abs(angles).max() > 19.0
@@ -145,7 +158,7 @@ def test_types_and_metadata_are_preserved():
     rng = np.random.default_rng(3)
     d = pair_sample(rng)
     meta_img = MetaTensor(torch.as_tensor(d["image"]), meta={"filename_or_obj": "pair.nii.gz"})
-    tr = RandPairedRotated(("image", "label"), prob=1.0, mode=("bilinear", "nearest"))
+    tr = RandPairedAffined(("image", "label"), rotate_range=20.0, rotate_prob=1.0, mode=("bilinear", "nearest"))
     tr.set_random_state(0)
     out = tr({"image": meta_img, "label": torch.as_tensor(d["label"], dtype=torch.uint8)})
     assert isinstance(out["image"], MetaTensor) and out["image"].meta["filename_or_obj"] == "pair.nii.gz"
@@ -159,9 +172,13 @@ def test_types_and_metadata_are_preserved():
 def test_errors_name_the_problem():
     d = {"image": np.zeros((2, H, W), np.float32), "label": np.zeros((2, H + 1, W), np.int64)}
     with pytest.raises(ValueError, match="different spatial sizes"):
-        RandPairedRotated(("image", "label"), prob=1.0)(d)
+        RandPairedAffined(("image", "label"), rotate_range=20.0, rotate_prob=1.0)(d)
     with pytest.raises(KeyError):
-        RandPairedFlipd(("image", "missing"), prob=0.0)({"image": d["image"]})
+        RandPairedAffined(("image", "missing"), prob=0.0)({"image": d["image"]})
+    with pytest.raises(ValueError, match="rotate_prob"):
+        paired_frame_augmentation(rotate_prob=1.5)
+    with pytest.raises(ValueError, match="rotate_deg"):
+        paired_frame_augmentation(rotate_deg=-5.0)
     with pytest.raises(ValueError):
         RandPairedAffined("image", mode="cubic")
     with pytest.raises(ValueError):
