@@ -79,3 +79,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def run_training():
+    """``run_training(configs_dir, files, stop_after_epoch=None, **overrides)``: a bundle's training workflow in this
+    process (MONAI ``ConfigWorkflow``: initialize, run, finalize; ``overrides`` as ``--key value``). With
+    ``stop_after_epoch`` the trainer (``train#trainer``) terminates at the end of that epoch, as a run killed there
+    stops: the epoch's handlers (validation, epoch checkpoint) have run, later epochs never start."""
+
+    def run(configs_dir: str | Path, files: list[str], stop_after_epoch: int | None = None, **overrides) -> None:
+        from ignite.engine import Events
+        from monai.bundle import ConfigWorkflow
+
+        configs_dir = Path(configs_dir)
+        wf = ConfigWorkflow(config_file=[str(configs_dir / f) for f in files],
+                            meta_file=str(configs_dir / "metadata.json"), logging_file=False, workflow_type="train",
+                            **overrides)
+        wf.initialize()
+        if stop_after_epoch is not None:
+            trainer = wf.parser.get_parsed_content("train#trainer")  # the instance `run` uses (resolved once)
+            trainer.add_event_handler(Events.EPOCH_COMPLETED(once=int(stop_after_epoch)), lambda e: e.terminate())
+        wf.run()
+        wf.finalize()
+
+    return run

@@ -13,7 +13,7 @@ Examples::
     # a CPU-sized run on synthetic pairs with lost-correspondence regions
     python -m tools.synth registration --out data/pairs48 --patients 48
     python -m tools.adacs_compare --dataset_dirs data/pairs48 \\
-        --overrides "{'image_size': [64, 64], 'epochs': 30, 'warmup_epochs': 3, 'learning_rate': 0.003}"
+        --overrides "{'spatial_size': [64, 64], 'epochs': 30, 'warmup_epochs': 3, 'learning_rate': 0.003}"
 
 Outputs under ``output_dir``: ``runs/<dataset>/<architecture>/<method>/`` (models, evaluation), ``comparison.json``
 and ``comparison.md``; the Markdown tables are also printed.
@@ -175,7 +175,7 @@ def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Seque
         architectures: displacement estimators (``voxelmorph``, ``transmorph``).
         methods: any of ``adacs, plain, adareg, adaframe, nll, beta_nll`` (AdaCS is the reference of Table 2).
         output_dir: where runs and reports go.
-        overrides: bundle config overrides applied to every run (e.g. ``epochs``, ``image_size``).
+        overrides: bundle config overrides applied to every run (e.g. ``epochs``, ``spatial_size``).
         device: e.g. ``"cpu"`` or ``"cuda:0"`` (default: the bundle's choice).
         skip_existing: reuse a run whose ``per_pair.csv`` exists (an interrupted comparison resumes).
 

@@ -148,10 +148,17 @@ def check_bundle(bundle: str | Path, schema: str | Path = STRICT_SCHEMA, run_cli
         except configparser.Error as e:
             problems.append(f"logging.conf does not parse: {e}")
     if not problems:
-        for wf_type, cfg in (("train", "train.json"), ("infer", "inference.json")):
-            err = _check_workflow(bundle, wf_type, cfg, overrides or {})
-            if err:
-                problems.append(err)
+        import tempfile
+
+        # building the workflows creates output folders (TensorBoard writers, checkpoint savers): keep them out of
+        # the bundle folder, whose models/ and eval/ belong to the user
+        with tempfile.TemporaryDirectory(prefix="check-bundle-") as tmp:
+            wf_overrides = {"output_dir": str(Path(tmp) / "eval"), "ckpt_dir": str(Path(tmp) / "models"),
+                            **(overrides or {})}
+            for wf_type, cfg in (("train", "train.json"), ("infer", "inference.json")):
+                err = _check_workflow(bundle, wf_type, cfg, wf_overrides)
+                if err:
+                    problems.append(err)
     return problems
 
 

@@ -100,12 +100,11 @@ def comparison_markdown(rows: list[dict[str, Any]], structures: Sequence[str]) -
 
 def plot_comparison(rows: list[dict[str, Any]], out_png: str | Path) -> Path:
     """Grouped bars: mean Dice per modality for every setting."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    from common.plotting import save_figure
+    from common.plotting import save_figure, subplots
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 4))
+    fig, ax = subplots(figsize=(1.6 + 1.4 * len(rows), 4))
     x = np.arange(len(rows))
     for k, (mod, colour) in enumerate((("ct", "tab:orange"), ("mr", "tab:blue"))):
         vals = [(_modality_entry(r["table2"], "dice", mod) or {}).get("mean", np.nan) for r in rows]
@@ -131,7 +130,7 @@ def run_comparison(settings: str | Sequence[str] = "full,full_mr1,baseline_mr,ba
         settings: names of :data:`SETTINGS`, comma-separated or a list.
         output_dir: where runs and reports go.
         dataset_dir: MM-WHS folder (default: the bundle's synthetic default).
-        overrides: bundle overrides for every run (e.g. ``epochs``, ``crop_size``): a dict or a JSON file such as
+        overrides: bundle overrides for every run (e.g. ``epochs``, ``spatial_size``): a dict or a JSON file such as
             ``bundles/lssc_multimodal/configs/demo.json``. A setting's own keys win over them.
         device: e.g. ``"cpu"`` or ``"cuda:0"`` (default: the bundle's choice).
         skip_existing: reuse a run whose ``eval/metrics.json`` exists (an interrupted comparison resumes).

@@ -114,73 +114,17 @@ def read_dicom_series(folder: str | Path) -> ImageData:
     slice order. Raises ``DataError`` naming the file for unreadable files, a missing required tag
     (:data:`DICOM_REQUIRED_TAGS`), mixed series or geometry, and duplicate or uneven slice positions.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    from common.data.loading import read_dicom
 
     folder = Path(folder)
-    slices = []
-    for f in _dicom_files(folder):
-        try:
-            ds = pydicom.dcmread(str(f))
-        except InvalidDicomError as e:
-            raise DataError(f"{f}: not a DICOM file ({e})") from e
-        except Exception as e:  # truncated files surface as assorted errors
-            raise DataError(f"{f}: cannot read DICOM ({type(e).__name__}: {e})") from e
-        for tag in DICOM_REQUIRED_TAGS:
-            if tag not in ds or ds[tag].value in (None, b"", ""):
-                raise DataError(f"{f}: missing required DICOM tag {tag}")
-        slices.append((f, ds))
-    f0, ds0 = slices[0]
-    iop = np.asarray([float(v) for v in ds0.ImageOrientationPatient], dtype=np.float64)
-    if iop.shape != (6,):
-        raise DataError(f"{f0}: ImageOrientationPatient must have 6 values, has {iop.size}")
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    ps = [float(v) for v in ds0.PixelSpacing]
-    series = getattr(ds0, "SeriesInstanceUID", None)
-    pos = []
-    for f, ds in slices:
-        if getattr(ds, "SeriesInstanceUID", None) != series:
-            raise DataError(f"{f}: belongs to another series than {f0.name} (one series per folder)")
-        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4):
-            raise DataError(f"{f}: ImageOrientationPatient differs from {f0.name}")
-        if (int(ds.Rows), int(ds.Columns)) != (int(ds0.Rows), int(ds0.Columns)):
-            raise DataError(f"{f}: size {ds.Rows}x{ds.Columns} differs from {f0.name}")
-        if not np.allclose([float(v) for v in ds.PixelSpacing], ps, rtol=1e-4):
-            raise DataError(f"{f}: PixelSpacing differs from {f0.name}")
-        pos.append(float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)))
-    order = np.argsort(pos, kind="stable")
-    pos_sorted = np.asarray(pos)[order]
-    if len(slices) > 1:
-        gaps = np.diff(pos_sorted)
-        if (gaps < 1e-3).any():
-            i = int(np.argmin(gaps))
-            raise DataError(f"{slices[order[i + 1]][0]}: same slice position as {slices[order[i]][0].name}")
-        dz = float(np.median(gaps))
-        if np.abs(gaps - dz).max() > 0.05 * dz:
-            raise DataError(f"{folder}: uneven slice spacing {np.round(gaps, 3).tolist()} (missing slices?)")
-    else:
-        dz = float(getattr(ds0, "SliceThickness", 1.0) or 1.0)
-    planes = []
-    for i in order:
-        f, ds = slices[i]
-        try:
-            arr = ds.pixel_array.astype(np.float32)
-        except Exception as e:  # pixel decoding errors depend on the transfer syntax handler
-            raise DataError(f"{f}: cannot decode pixel data ({type(e).__name__}: {e})") from e
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        inter = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        planes.append((arr * slope + inter).T)
-    vol = np.stack(planes, -1)
-    aff = np.eye(4)
-    aff[:3, 0] = row_dir * ps[1]
-    aff[:3, 1] = col_dir * ps[0]
-    aff[:3, 2] = normal * dz
-    aff[:3, 3] = [float(v) for v in slices[order[0]][1].ImagePositionPatient]
-    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff  # DICOM's LPS world -> NIfTI's RAS
-    meta = {"files": [str(slices[i][0]) for i in order], "modality": str(getattr(ds0, "Modality", "")),
-            "series_description": str(getattr(ds0, "SeriesDescription", ""))}
-    return ImageData(vol, (ps[1], ps[0], dz), aff, meta)
+    _dicom_files(folder)  # the CHAOS layout's own checks: the folder exists and holds *.dcm files
+    # one DICOM series reader for the whole repository (common.data.loading): geometry order, checks, limits
+    arr, aff, info = read_dicom(folder, require_geometry=True)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    spacing = tuple(float(s) for s in np.linalg.norm(aff[:3, :3], axis=0))
+    meta = {k: info[k] for k in ("files", "modality", "series_description")}
+    return ImageData(arr.astype(np.float32), spacing, aff, meta)
 
 
 def load_chaos_case(case_dir: str | Path,
@@ -211,11 +155,11 @@ def load_chaos_case(case_dir: str | Path,
         raise DataError(f"{ground}: {len(pngs)} PNG files for {len(files)} DICOM slices and stems do not match")
     planes = []
     for f, p in zip(files, matched):
-        a = read_image(p).array
-        if a.ndim != 2 or a.shape != img.array.shape[1::-1]:
-            raise DataError(f"{p}: mask shape {a.shape} does not match DICOM slice {f.name} "
-                            f"({img.array.shape[1]}x{img.array.shape[0]})")
-        planes.append(remap_chaos_labels(a, structures).T)
+        a = read_image(p).array  # index order (W, H), like the DICOM slices: no transpose
+        if a.ndim != 2 or a.shape != img.array.shape[:2]:
+            raise DataError(f"{p}: mask of {a.shape[0]}x{a.shape[1]} (W x H) does not match DICOM slice {f.name} "
+                            f"({img.array.shape[0]}x{img.array.shape[1]})")
+        planes.append(remap_chaos_labels(a, structures))
     lab = ImageData(np.stack(planes, -1), img.spacing, img.affine.copy(), {"files": [str(p) for p in matched]})
     return img, lab
 

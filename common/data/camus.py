@@ -22,15 +22,13 @@ train/val/test split (:func:`common.data.splits.patient_split`).
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from monai.data import MetaTensor
-from monai.transforms import MapTransform
 
 from common.data.io import DataError, read_image
+from common.data.loading import header_shape, image_format, image_geometry, to_frames
 from common.data.splits import patient_split
 
 __all__ = [
@@ -40,7 +38,6 @@ __all__ = [
     "camus_patient_split",
     "find_camus_patients",
     "load_echo_frame",
-    "LoadEchod",
     "read_info_cfg",
     "image_header",
 ]
@@ -159,72 +156,37 @@ def image_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, float]
             raise DataError(f"{p}: expected a 2D image or a 2D+t sequence, got DimSize {dims}")
         out_shape = (dims[1], dims[0]) if len(dims) == 2 else (dims[2], dims[1], dims[0])
         return out_shape, (spacing[1], spacing[0])
-    raise DataError(f"{p}: unsupported echo image format (expected .nii.gz/.nii or .mhd/.mha)")
+    if image_format(p) == "dicom":
+        # DICOM (a frame or a cine): header only; frame shape and (row, col) spacing from the geometry
+        shape, _ = header_shape(p)
+        _, affine = image_geometry(p)
+        cols = np.linalg.norm(affine[:3, :2], axis=0)
+        out_shape = (shape[1], shape[0]) if len(shape) == 2 else (shape[2], shape[1], shape[0])
+        return out_shape, (float(cols[1]), float(cols[0]))
+    raise DataError(f"{p}: unsupported echo image format (expected .nii.gz/.nii, .mhd/.mha or DICOM)")
 
 
 def load_echo_frame(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
-    """Load any CAMUS/TED image or label file, either release, with the apex of the sector at the top.
+    """Load any CAMUS/TED image or label file, either release (or a DICOM frame/cine), apex of the sector at the top.
 
-    NIfTI arrays (width first: (W, H) or (W, H, T)) are transposed; MetaImage arrays ((1, H, W) or (T, H, W)) are
-    taken as SimpleITK gives them. Returns ``(array, (row_mm, col_mm))`` with ``array`` (H, W) for a single frame or
-    (T, H, W) for a sequence, in the file's dtype. Raises ``FileNotFoundError``/``DataError`` naming the file.
+    Every format is read in the index order of :mod:`common.data.loading` -- (W, H), (W, H, 1) or (W, H, T) --
+    and turned into frames the same way (:func:`common.data.loading.to_frames`), so NIfTI, MetaImage and DICOM
+    need no per-format transpose. Returns ``(array, (row_mm, col_mm))`` with ``array`` (H, W) for a single frame
+    or (T, H, W) for a sequence, in the file's dtype. Raises ``FileNotFoundError``/``DataError`` naming the file.
     """
     p = Path(path)
+    name = p.name.lower()
+    if not name.endswith(_NIFTI_EXT + _MHD_EXT) and image_format(p) != "dicom":
+        raise DataError(f"{p}: unsupported echo image format (expected .nii.gz/.nii, .mhd/.mha or DICOM)")
     img = read_image(p)
     arr = np.asarray(img.array)
-    name = p.name.lower()
-    if name.endswith(_NIFTI_EXT):
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[..., 0]
-        if arr.ndim == 2:
-            arr = arr.T
-        elif arr.ndim == 3:
-            arr = arr.transpose(2, 1, 0)
-        else:
-            raise DataError(f"{p}: expected a 2D image or a 2D+t sequence, got shape {arr.shape}")
-        spacing = (float(img.spacing[1]), float(img.spacing[0]))
-    elif name.endswith(_MHD_EXT):
-        if arr.ndim == 3 and arr.shape[0] == 1:
-            arr = arr[0]
-        if arr.ndim not in (2, 3):
-            raise DataError(f"{p}: expected a 2D image or a 2D+t sequence, got shape {arr.shape}")
-        spacing = (float(img.spacing[-2]), float(img.spacing[-1]))
-    else:
-        raise DataError(f"{p}: unsupported echo image format (expected .nii.gz/.nii or .mhd/.mha)")
-    return np.ascontiguousarray(arr), spacing
-
-
-# --------------------------------------------------------------------------------------------- MONAI transform
-class LoadEchod(MapTransform):
-    """MONAI dictionary transform: load CAMUS/TED files (either release) channel first, apex at the top.
-
-    For each key, a path becomes a ``MetaTensor`` (1, H, W) for a frame or (1, T, H, W) for a sequence
-    (``sequence_as_channels=True`` gives (T, H, W) instead), with ``meta["spacing"]`` = (row, col) mm,
-    ``meta["filename_or_obj"]`` and a diagonal affine carrying the spacing. ``dtype`` applies to every key.
-    """
-
-    def __init__(self, keys, dtype=np.float32, sequence_as_channels: bool = False, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.dtype = dtype
-        self.sequence_as_channels = sequence_as_channels
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            path = d[key]
-            arr, (sr, sc) = load_echo_frame(path)
-            arr = arr.astype(self.dtype, copy=False)
-            if arr.ndim == 2:
-                arr, affine = arr[None], np.diag([sr, sc, 1.0, 1.0])
-            elif self.sequence_as_channels:
-                affine = np.diag([sr, sc, 1.0, 1.0])
-            else:
-                arr, affine = arr[None], np.diag([1.0, sr, sc, 1.0])
-            meta = {"spacing": (sr, sc), "filename_or_obj": str(path), "original_channel_dim": "no_channel",
-                    "spatial_shape": np.asarray(arr.shape[1:])}
-            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr)), affine=torch.as_tensor(affine),
-                                meta=meta)
-        return d
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise DataError(f"{p}: expected a 2D image or a 2D+t sequence, got shape {arr.shape}")
+    frames = to_frames(arr)
+    spacing = (float(img.spacing[1]), float(img.spacing[0]))
+    return np.ascontiguousarray(frames[0] if arr.ndim == 2 else frames), spacing
 
 
 # ------------------------------------------------------------------------------------------------- discovery

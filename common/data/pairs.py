@@ -34,6 +34,7 @@ import functools
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from common.data.acdc import acdc_datalist, find_acdc_patients
 from common.data.camus import camus_datalist, find_camus_patients, load_echo_frame
 from common.data.io import DataError, check_finite, read_image
 from common.data.registration import registration_pairs_datalist
+from common.data.splits import resolve_split
 
 __all__ = [
     "PAIR_LAYOUTS",
@@ -105,9 +107,25 @@ def detect_pair_layout(root: str | Path) -> str:
     )
 
 
-def _acdc_entries(root: Path, split: str | None, seed: int, slices: str) -> list[dict]:
+def _fractions(default: Sequence[float], val_fraction: float | None, test_fraction: float | None) -> list[float]:
+    """(train, val, test) fractions: the layout's default, with the val/test fractions replaced where given."""
+    if val_fraction is None and test_fraction is None:
+        return [float(f) for f in default]  # unchanged, so default splits stay exactly as before
+    total = float(sum(default))
+    val = float(default[1]) / total if val_fraction is None else float(val_fraction)
+    test = (float(default[2]) / total if len(default) > 2 else 0.0) if test_fraction is None else float(test_fraction)
+    if val < 0 or test < 0 or val + test > 1:
+        raise ValueError(f"invalid split fractions val_fraction={val_fraction}, test_fraction={test_fraction}")
+    return [1.0 - val - test, val, test]
+
+
+def _acdc_entries(root: Path, split: str | None, seed: int, slices: str, val_fraction: float | None = None,
+                  test_fraction: float | None = None) -> list[dict]:
     found = find_acdc_patients(root)
-    fractions = ACDC_FLAT_FRACTIONS if "all" in found else ACDC_OFFICIAL_FRACTIONS
+    if "all" in found:
+        fractions = _fractions(ACDC_FLAT_FRACTIONS, val_fraction, test_fraction)
+    else:  # official folders: testing/ is the test set, the fractions split training/ into train/val
+        fractions = _fractions((*ACDC_OFFICIAL_FRACTIONS, 0), val_fraction, None if val_fraction is None else 0.0)[:2]
     out = []
     for p in acdc_datalist(root, split=split, fractions=fractions, seed=seed):
         lab_ed = read_image(p["label_ed"]).array
@@ -125,8 +143,9 @@ def _acdc_entries(root: Path, split: str | None, seed: int, slices: str) -> list
     return out
 
 
-def _camus_entries(root: Path, split: str | None, seed: int) -> list[dict]:
-    val, test = CAMUS_VAL_TEST
+def _camus_entries(root: Path, split: str | None, seed: int, val_fraction: float | None = None,
+                   test_fraction: float | None = None) -> list[dict]:
+    _, val, test = _fractions((1 - sum(CAMUS_VAL_TEST), *CAMUS_VAL_TEST), val_fraction, test_fraction)
     out = []
     for e in camus_datalist(root, split=split, val_fraction=val, test_fraction=test, seed=seed, sequences=False):
         out.append({"name": f"{e['patient'].replace('/', '_')}_{e['view']}", "layout": "camus",
@@ -135,27 +154,34 @@ def _camus_entries(root: Path, split: str | None, seed: int) -> list[dict]:
     return out
 
 
-def _pairs_entries(root: Path, split: str | None, seed: int) -> list[dict]:
+def _pairs_entries(root: Path, split: str | None, seed: int, val_fraction: float | None = None,
+                   test_fraction: float | None = None) -> list[dict]:
     return [{"name": e["pair"], "layout": "pairs", "patient": e["pair"], "source": e["source"], "target": e["target"],
              "source_label": e["source_myo"], "target_label": e["target_myo"], "lost": e["lost"], "slice": -1}
-            for e in registration_pairs_datalist(root, split=split, fractions=PAIRS_FRACTIONS, seed=seed)]
+            for e in registration_pairs_datalist(root, split=split, seed=seed,
+                                                 fractions=_fractions(PAIRS_FRACTIONS, val_fraction, test_fraction))]
 
 
 def pair_datalist(root: str | Path, split: str | None = None, layout: str = "auto", seed: int = 0,
-                  slices: str = "all") -> list[dict]:
+                  slices: str = "all", val_fraction: float | None = None,
+                  test_fraction: float | None = None) -> list[dict]:
     """MONAI datalist of ED -> ES pairs of a dataset folder (see the module docstring for layouts and splits).
 
     Args:
         root: dataset folder (ACDC, CAMUS or registration-pair layout).
-        split: ``"train"``, ``"val"``, ``"test"`` or ``None`` (all).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``/``None`` (every pair, no split).
         layout: one of :data:`PAIR_LAYOUTS` or ``"auto"``.
         seed: split seed.
         slices: ACDC only — ``"all"`` slices with myocardium in both frames (default) or the ``"mid"`` one.
+        val_fraction, test_fraction: patient fractions of the validation and test subsets; None keeps the layout's
+            default (module docstring). Official ACDC folders keep ``testing/`` as the test set (``test_fraction``
+            is not used) and split ``training/`` by ``val_fraction``.
 
     Returns:
         ``[{name, layout, patient, source, target, source_label, target_label, slice[, lost]}]``; ``slice`` is the
         ACDC slice index (-1 for 2D layouts). Raises ``DataError`` when the split holds no pair.
     """
+    split = resolve_split(split)
     root = _dataset_root(root)
     layout = detect_pair_layout(root) if layout == "auto" else layout
     if layout not in PAIR_LAYOUTS:
@@ -163,11 +189,11 @@ def pair_datalist(root: str | Path, split: str | None = None, layout: str = "aut
     if slices not in ("all", "mid"):
         raise ValueError(f"slices must be 'all' or 'mid', got {slices!r}")
     if layout == "acdc":
-        out = _acdc_entries(root, split, seed, slices)
+        out = _acdc_entries(root, split, seed, slices, val_fraction, test_fraction)
     elif layout == "camus":
-        out = _camus_entries(root, split, seed)
+        out = _camus_entries(root, split, seed, val_fraction, test_fraction)
     else:
-        out = _pairs_entries(root, split, seed)
+        out = _pairs_entries(root, split, seed, val_fraction, test_fraction)
     if not out:
         raise DataError(f"{root}: no {layout} pairs with myocardium in split {split!r}")
     return out
@@ -212,62 +238,25 @@ def resize_2d(array: np.ndarray, size: Sequence[int], mask: bool = False) -> np.
 
 
 # ------------------------------------------------------------------------------------------------ readers
-def _read_dicom(p: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(str(p))
-        arr = ds.pixel_array
-    except Exception as e:  # pydicom raises many unrelated types for corrupt or pixel-less files
-        raise DataError(f"{p}: cannot read DICOM pixel data ({type(e).__name__}: {e})") from e
-    if getattr(ds, "SamplesPerPixel", 1) != 1:
-        raise DataError(f"{p}: expected a grayscale DICOM image, got SamplesPerPixel={ds.SamplesPerPixel}")
-    arr = arr.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
-        getattr(ds, "RescaleIntercept", 0) or 0)
-    sr, sc = (float(v) for v in getattr(ds, "PixelSpacing", [1.0, 1.0]))
-    affine = np.diag([sr, sc, 1.0, 1.0])
-    if hasattr(ds, "ImageOrientationPatient") and hasattr(ds, "ImagePositionPatient"):
-        iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-        ipp = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-        # array axis 0 runs down the rows (column direction cosines iop[3:]), axis 1 along a row (iop[:3]); DICOM
-        # is LPS, NIfTI RAS: flip x and y
-        lps = np.eye(4)
-        lps[:3, 0], lps[:3, 1] = iop[3:] * sr, iop[:3] * sc
-        lps[:3, 2] = np.cross(iop[:3], iop[3:])
-        lps[:3, 3] = ipp
-        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    return arr, affine, (sr, sc)
-
-
 def read_pair_image(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """Read one 2D image of a pair: ``(array (H, W) float32, 4x4 affine, spacing)``.
+    """Read one 2D image of a pair: ``(array float32, 4x4 RAS affine, spacing)``.
 
-    NIfTI arrays keep nibabel's ``(X, Y)`` order (a trailing singleton axis is dropped); MetaImage ``(1, H, W)`` or
-    ``(H, W)``; DICOM (``.dcm``/``.dicom``) with rescale slope/intercept and its patient geometry; PNG/JPEG/TIFF as
-    grayscale with unit spacing. Anything else than one 2D frame, or NaN/Inf pixels, raises ``DataError`` naming
-    the file.
+    Every format (NIfTI, MetaImage, DICOM with rescale slope/intercept and its patient geometry, PNG/JPEG/TIFF as
+    grayscale) comes through :func:`common.data.io.read_image` in one index order ``(x, y)`` -- (W, H) -- with its
+    affine; a trailing singleton axis is dropped. Anything else than one 2D frame, or NaN/Inf pixels, raises
+    ``DataError`` naming the file.
     """
-    p = Path(path)
-    name = p.name.lower()
-    if name.endswith((".dcm", ".dicom")):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: file not found")
-        arr, affine, spacing = _read_dicom(p)
-    else:
-        img = read_image(p)
-        arr = np.asarray(img.array)
-        if name.endswith((".mhd", ".mha")) and arr.ndim == 3 and arr.shape[0] == 1:
-            arr = arr[0]
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[..., 0]
-        spacing = tuple(float(s) for s in (img.spacing[-2:] if len(img.spacing) >= 2 else (1.0, 1.0)))
-        affine = img.affine if img.affine is not None else np.diag([spacing[0], spacing[1], 1.0, 1.0])
+    img = read_image(path)
+    arr = np.asarray(img.array)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
     if arr.ndim != 2:
-        raise DataError(f"{p}: expected one 2D image, got an array of shape {tuple(arr.shape)} (register 3D volumes "
-                        "slice by slice, sequences frame by frame)")
+        raise DataError(f"{path}: expected one 2D image, got an array of shape {tuple(arr.shape)} (register 3D "
+                        "volumes slice by slice, sequences frame by frame)")
     arr = arr.astype(np.float32)
-    check_finite(arr, p)
-    return arr, np.asarray(affine, dtype=np.float64), (float(spacing[0]), float(spacing[1]))
+    check_finite(arr, path)
+    spacing = (float(img.spacing[0]), float(img.spacing[1]))
+    return arr, np.asarray(img.affine, dtype=np.float64), spacing
 
 
 def _shift_affine(affine: np.ndarray, start: Sequence[int], scale: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
@@ -389,13 +378,15 @@ def _sibling(source: Path, role: str) -> Path | None:
 
 
 def inference_pairs(input_path: str | Path, target_path: str | Path | None = None,
-                    source_mask_path: str | Path | None = None) -> list[dict]:
+                    source_mask_path: str | Path | None = None, ledger: Any = None) -> list[dict]:
     """Pairs to register: ``[{name, source, target, source_mask}]`` (``source_mask`` is ``""`` when absent).
 
     ``input_path`` is either a folder (or a folder holding ``pairs/``) of ``<name>_source.<ext>`` files with their
     ``<name>_target.<ext>`` (and optionally ``<name>_source_mask.<ext>`` or ``<name>_source_myo.<ext>``), or one
     source image; its target is ``target_path`` or the ``_target`` sibling of a ``*_source.*`` file, its mask
-    ``source_mask_path`` or the ``_source_mask``/``_source_myo`` sibling. Missing files raise errors naming them.
+    ``source_mask_path`` or the ``_source_mask``/``_source_myo`` sibling. Missing files raise errors naming them;
+    with ``ledger`` (a :class:`common.engines.screening.BatchLedger`) a folder's source without its target is
+    recorded there (stage ``datalist``) and left out instead.
     """
     p = Path(input_path)
     if not p.exists():
@@ -411,7 +402,11 @@ def inference_pairs(input_path: str | Path, target_path: str | Path | None = Non
                 continue
             tgt = _sibling(src, "target")
             if tgt is None:
-                raise FileNotFoundError(f"{src}: no matching {m['name']}_target{m['ext']} beside it")
+                missing = f"{src}: no matching {m['name']}_target{m['ext']} beside it"
+                if ledger is None:
+                    raise FileNotFoundError(missing)
+                ledger.fail(str(src), missing, "datalist")
+                continue
             mask = _sibling(src, "source_mask") or _sibling(src, "source_myo")
             out.append({"name": m["name"], "source": str(src), "target": str(tgt),
                         "source_mask": str(mask) if mask else ""})

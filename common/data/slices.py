@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.data.mmwhs import MMWHS_MODALITIES, mmwhs_datalist
+from common.data.splits import resolve_split
 from common.transforms.slices import consecutive_slices, foreground_slices, slice_axis_index
 
 __all__ = ["SLICE_SELECTIONS", "VolumeSliceDataset", "unpaired_datalist"]
@@ -37,7 +38,7 @@ def unpaired_datalist(root: str | Path, modalities: Sequence[str] = MMWHS_MODALI
     Args:
         root: MM-WHS folder (``ct_train/``, ``mr_train/`` or the files directly in it).
         modalities: which modalities to list (``"ct"``, ``"mr"``).
-        split: ``"train"``, ``"val"``, ``"test"`` or ``None`` (all cases).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``/``None`` (all cases, no split).
         labelled: few-shot protocol, ``{modality: k}``: keep only ``k`` training volumes of that modality, drawn
             with ``seed`` (paper Sec. 4.4: 1 or 3 labelled volumes of one modality + all of the other). Only
             applies to ``split="train"``; the validation and test splits are never reduced.
@@ -47,6 +48,7 @@ def unpaired_datalist(root: str | Path, modalities: Sequence[str] = MMWHS_MODALI
     Raises:
         ValueError: unknown modality, a few-shot modality that is not listed, or ``k`` outside ``1..n_train``.
     """
+    split = resolve_split(split)
     mods = [str(m) for m in modalities]
     if not mods or len(set(mods)) != len(mods):
         raise ValueError(f"modalities must be non-empty and unique, got {list(modalities)}")

@@ -6,7 +6,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["patient_split"]
+__all__ = ["SPLITS", "patient_split", "resolve_split"]
+
+# the values of a bundle's `eval_split`/`split` knob; "all" = every case of the folder, no split
+SPLITS = ("train", "val", "test", "all")
+
+
+def resolve_split(split: str | None) -> str | None:
+    """The datalist functions' ``split`` argument for a bundle knob value: ``"all"`` (or None) -> None (every case,
+    no split), ``"train"``/``"val"``/``"test"`` unchanged; anything else is a ``ValueError`` naming the value."""
+    if split is None or split == "all":
+        return None
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
 
 
 def patient_split(patient_ids: Sequence[str], fractions: Sequence[float] = (0.9, 0.1), seed: int = 0,

@@ -7,7 +7,7 @@ Layout (real downloads load unchanged)::
     root/patientNNNN/patientNNNN_4CH_info.cfg                   ED, ES (1-based), NbFrame, ...
 
 ``root`` may also be a parent folder holding a single ``database``-like folder of patient folders. Images load
-with :func:`common.data.camus.load_echo_frame` / :class:`common.data.camus.LoadEchod` (apex at the top).
+with :func:`common.data.camus.load_echo_frame` (apex at the top).
 Splits are seeded and patient level.
 """
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.io import DataError
-from common.data.splits import patient_split
+from common.data.splits import patient_split, resolve_split
 
 __all__ = ["read_tracking_h5", "tracking_datalist", "TRACKING_REQUIRED_ATTRS"]
 
@@ -104,8 +104,7 @@ def tracking_datalist(root: str | Path, split: str | None = None, val_fraction: 
     ``ed``, ``es``, ``gls_reference`` (None when absent) and ``split``. ``validate`` opens every file and checks its
     layout. Raises ``FileNotFoundError``/``DataError`` for a missing/empty folder or a bad file (named).
     """
-    if split not in (None, "train", "val", "test"):
-        raise ValueError(f"split must be None, 'train', 'val' or 'test', got {split!r}")
+    split = resolve_split(split)
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ValueError(f"invalid fractions val={val_fraction}, test={test_fraction}")
     root = Path(root)

@@ -6,13 +6,15 @@ sees them), whatever the file format:
 * HDF5 (``.h5``/``.hdf5``): the open tracking layout of :mod:`common.data.tracking` (``video`` (T, H, W), attributes
   ``fps``, ``pixel_spacing_mm``, ...). Only ``video`` is required here; ``tracks``, ``visible``, ``labels`` and the
   attributes are passed on when present (reference tracks, masks for automatic query points, ED/ES, reference GLS).
-* NIfTI 2D+t (``.nii``/``.nii.gz``): arrays ``(X=W, Y=H, T)`` or ``(X, Y, 1, T)`` in nibabel order (the CAMUS
-  convention: stored width first), transposed to ``(T, H, W)``. MetaImage (``.mhd``/``.mha``) ``(T, H, W)`` too.
+* NIfTI 2D+t (``.nii``/``.nii.gz``) ``(X=W, Y=H, T)`` or ``(X, Y, 1, T)``, MetaImage (``.mhd``/``.mha``): read by
+  :func:`common.data.io.read_image` in the one index-order convention of :mod:`common.data.loading` and turned into
+  ``(T, H, W)`` by :func:`common.data.loading.to_frames` (no per-format transpose).
 * DICOM (``.dcm``, ``.dicom`` or any file with the ``DICM`` preamble): a multi-frame image (e.g. Ultrasound
   Multi-frame Image Storage), native or compressed (JPEG baseline/lossless, JPEG 2000, RLE through pydicom's
   decoders), MONOCHROME1/2, RGB, YBR_FULL(_422) or PALETTE COLOR, converted to grayscale.
 
-Grayscale conversion (colour ultrasound files store a gray B-mode image in three channels):
+Grayscale conversion (colour ultrasound files store a gray B-mode image in three channels; implemented once in
+:func:`common.data.loading.decode_dicom_frames`, shared with the image readers):
 
 * YBR_FULL / YBR_FULL_422 / YBR_PARTIAL_*: the ``Y`` (luma) plane as decoded, so the colour conversion is skipped;
 * RGB (and any decoder output already converted to RGB): ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` -- the
@@ -28,7 +30,8 @@ convention) are read by :func:`read_query_points` from JSON or CSV:
 * CSV: a header with columns ``x`` and ``y`` (and optionally ``frame``); or headerless rows ``x,y`` / ``x,y,frame``.
 
 Every reader raises ``FileNotFoundError`` or :class:`~common.data.io.DataError` (a ``ValueError``) naming the file
-and what is wrong (missing DICOM tag, undecodable pixel data, wrong shape, points outside the image, ...).
+and what is wrong (missing DICOM tag, undecodable pixel data, wrong shape, points outside the image, ...). Sizes
+are checked from the header against :class:`common.data.loading.ReadLimits` before any frame is decoded.
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ from typing import Any
 import numpy as np
 
 from common.data.io import DataError, read_image
+from common.data.loading import (
+    check_dicom_pixel_data,
+    check_size,
+    decode_dicom_frames,
+    dicom_inplane_spacing,
+    read_dicom_dataset,
+    require_input,
+    to_frames,
+    to_grayscale,
+)
 
 __all__ = [
     "VIDEO_SUFFIXES",
@@ -66,7 +79,6 @@ VIDEO_SUFFIXES = (".h5", ".hdf5", ".nii", ".nii.gz", ".mhd", ".mha", ".dcm", ".d
 # tags without which a multi-frame DICOM image cannot be turned into a (T, H, W) video
 DICOM_REQUIRED_TAGS = ("PixelData", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
                        "BitsAllocated", "NumberOfFrames")
-_LUMA = np.array([0.299, 0.587, 0.114])
 
 
 @dataclass
@@ -134,14 +146,7 @@ def _has_dicom_preamble(path: Path) -> bool:
 
 
 def _require_file(path: str | Path) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: file not found")
-    if not p.is_file():
-        raise DataError(f"{p}: expected a file, found a directory")
-    if p.stat().st_size == 0:
-        raise DataError(f"{p}: file is empty")
-    return p
+    return require_input(path)
 
 
 def _check_video_array(frames: np.ndarray, path: Path, what: str) -> np.ndarray:
@@ -152,26 +157,13 @@ def _check_video_array(frames: np.ndarray, path: Path, what: str) -> np.ndarray:
         raise DataError(f"{path}: {what} has {t} frame(s); tracking needs a video of at least 2 frames")
     if h < 2 or w < 2:
         raise DataError(f"{path}: {what} frames of {h} x {w} pixels are too small")
-    if frames.dtype.kind not in "uif":
+    if frames.dtype.kind == "c":
+        raise DataError(f"{path}: {what} has complex dtype {frames.dtype}; expected real gray values")
+    if frames.dtype.kind not in "buif":
         raise DataError(f"{path}: {what} has non-numeric dtype {frames.dtype}")
     if frames.dtype.kind == "f" and not np.isfinite(frames).all():
         raise DataError(f"{path}: {what} contains {int((~np.isfinite(frames)).sum())} NaN/Inf values")
     return np.ascontiguousarray(frames)
-
-
-def to_grayscale(frames: np.ndarray, photometric: str = "RGB") -> np.ndarray:
-    """(..., H, W, 3) colour frames -> (..., H, W) float32 gray, following the module docstring's rules.
-
-    Args:
-        frames: colour frames, channels last.
-        photometric: the DICOM photometric interpretation of ``frames`` (``"RGB"``, ``"YBR_FULL"``, ...).
-    """
-    arr = np.asarray(frames)
-    if arr.shape[-1] != 3:
-        raise ValueError(f"to_grayscale: expected 3 channels last, got shape {arr.shape}")
-    if photometric.upper().startswith("YBR"):
-        return arr[..., 0].astype(np.float32)  # Y is the luma plane already
-    return (arr.astype(np.float32) @ _LUMA.astype(np.float32)).astype(np.float32)
 
 
 def _attr(value: Any) -> Any:
@@ -201,8 +193,13 @@ def read_hdf5_video(path: str | Path) -> VideoData:
     with f:
         if "video" not in f:
             raise DataError(f"{p}: missing dataset 'video' (T, H, W); found {sorted(f.keys())}")
+        video = f["video"]
+        if not hasattr(video, "shape") or video.ndim not in (3, 4):
+            raise DataError(f"{p}: 'video' must be a (T, H, W) dataset, got {getattr(video, 'shape', type(video))}")
+        t0, h0, w0 = (int(x) for x in video.shape[:3])
+        check_size((w0, h0, t0), p, samples=int(video.shape[3]) if video.ndim == 4 else 1)
         try:
-            frames = np.asarray(f["video"][()])
+            frames = np.asarray(video[()])
             extras: dict[str, Any] = {k: np.asarray(f[k][()]) for k in ("tracks", "visible", "labels") if k in f}
         except (OSError, ValueError) as e:
             raise DataError(f"{p}: cannot read datasets ({e})") from e
@@ -244,31 +241,25 @@ def read_hdf5_video(path: str | Path) -> VideoData:
 
 
 def read_nifti_video(path: str | Path) -> VideoData:
-    """Read a 2D+t NIfTI ((X, Y, T) or (X, Y, 1, T), width first) or MetaImage ((T, H, W)) video."""
+    """Read a 2D+t NIfTI ((X, Y, T) or (X, Y, 1, T), width first) or MetaImage video as (T, H, W) frames."""
     p = _require_file(path)
     suffix = _suffix(p)
-    img = read_image(p)  # names the file on any format error
+    img = read_image(p)  # names the file on any format error; index order (W, H, [1,] T) for both formats
     arr = np.asarray(img.array)
-    fps = None
-    if suffix in (".nii", ".nii.gz"):
-        if arr.ndim == 4 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim != 3:
-            raise DataError(f"{p}: a NIfTI video must be 2D+t with shape (X, Y, T) or (X, Y, 1, T), got {arr.shape}")
-        frames = arr.transpose(2, 1, 0)
-        spacing = (float(img.spacing[1]), float(img.spacing[0]))
-        fps = _nifti_fps(p)
-        source = "nifti"
+    if arr.ndim == 4 and arr.shape[2] == 1:
+        arr, spacing_wh = arr[:, :, 0], (img.spacing[0], img.spacing[1])
     else:
-        if arr.ndim != 3:
-            raise DataError(f"{p}: a MetaImage video must be (T, H, W), got {arr.shape}")
-        frames = arr
-        spacing = (float(img.spacing[-2]), float(img.spacing[-1]))
-        source = "mhd"
-    frames = _check_video_array(frames, p, "the image")
+        spacing_wh = (img.spacing[0], img.spacing[1]) if arr.ndim >= 2 else (1.0, 1.0)
+    if arr.ndim != 3:
+        raise DataError(f"{p}: a video must be 2D+t with shape (X, Y, T) or (X, Y, 1, T) in index order, got "
+                        f"{arr.shape}")
+    frames = _check_video_array(to_frames(arr), p, "the image")
+    spacing = (float(spacing_wh[1]), float(spacing_wh[0]))
+    is_nifti = suffix in (".nii", ".nii.gz")
+    fps = _nifti_fps(p) if is_nifti else None
     if not all(s > 0 and math.isfinite(s) for s in spacing):
         spacing = None
-    return VideoData(frames, p, fps, spacing, source)
+    return VideoData(frames, p, fps, spacing, "nifti" if is_nifti else "mhd")
 
 
 def _nifti_fps(path: Path) -> float | None:
@@ -307,45 +298,33 @@ def _dicom_fps(ds: Any) -> float | None:
 
 
 def _dicom_spacing(ds: Any) -> tuple[float, float] | None:
-    regions = ds.get("SequenceOfUltrasoundRegions")
-    if regions:
-        r = regions[0]
-        dx, dy = r.get("PhysicalDeltaX"), r.get("PhysicalDeltaY")
-        ux, uy = r.get("PhysicalUnitsXDirection"), r.get("PhysicalUnitsYDirection")
-        # units code 3 = cm (DICOM PS3.3 C.8.5.5.1.15); other codes (seconds, Hz, ...) are not lengths
-        if dx is not None and dy is not None and ux == 3 and uy == 3 and float(dx) > 0 and float(dy) > 0:
-            return (10.0 * abs(float(dy)), 10.0 * abs(float(dx)))
-    for key in ("PixelSpacing", "ImagerPixelSpacing"):
-        ps = ds.get(key)
-        if ps is not None and len(ps) == 2 and float(ps[0]) > 0 and float(ps[1]) > 0:
-            return (float(ps[0]), float(ps[1]))
-    return None
+    return dicom_inplane_spacing(ds)
 
 
 def read_dicom_video(path: str | Path) -> VideoData:
     """Read a multi-frame DICOM image as a (T, H, W) grayscale video (see the module docstring)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     p = _require_file(path)
     try:
-        ds = pydicom.dcmread(p)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{p}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+        return _read_dicom_video(p)
+    except (DataError, FileNotFoundError):
+        raise
+    except Exception as e:  # malformed values surface lazily in pydicom; never let them out bare
+        raise DataError(f"{p}: malformed DICOM data ({type(e).__name__}: {e})") from e
+
+
+def _read_dicom_video(p: Path) -> VideoData:
+    ds = read_dicom_dataset(p, header_only=False)
     missing = [tag for tag in DICOM_REQUIRED_TAGS if tag not in ds]
     if missing:
         raise DataError(
             f"{p}: DICOM file lacks required tag(s) {missing} for a multi-frame video "
             f"(SOP class {ds.get('SOPClassUID', 'unknown')}, modality {ds.get('Modality', 'unknown')})"
         )
-    n_frames = int(ds.NumberOfFrames)
+    n_frames = check_dicom_pixel_data(ds, p)  # tags, transfer syntax, size limits, truncation: before decoding
     if n_frames < 2:
         raise DataError(f"{p}: NumberOfFrames is {n_frames}; tracking needs a multi-frame video")
     photometric = str(ds.PhotometricInterpretation).upper()
-    samples = int(ds.SamplesPerPixel)
-    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-        raise DataError(f"{p}: DICOM file meta lacks the required tag TransferSyntaxUID")
-    frames = _decode_dicom_frames(ds, p, photometric, samples)
+    frames = decode_dicom_frames(ds, p)
     if frames.shape[0] != n_frames:
         raise DataError(f"{p}: NumberOfFrames says {n_frames} but the pixel data holds {frames.shape[0]} frames")
     frames = _check_video_array(frames, p, "the DICOM pixel data")
@@ -353,50 +332,6 @@ def read_dicom_video(path: str | Path) -> VideoData:
                                           "SeriesInstanceUID", "SOPInstanceUID") if k in ds}
     extras["photometric_interpretation"] = photometric
     return VideoData(frames, p, _dicom_fps(ds), _dicom_spacing(ds), "dicom", extras)
-
-
-def _decode_dicom_frames(ds: Any, path: Path, photometric: str, samples: int) -> np.ndarray:
-    """Decode every frame and convert it to grayscale right away (one colour frame in memory at a time)."""
-    from pydicom.pixels import apply_color_lut, get_decoder
-
-    tsyntax = ds.file_meta.TransferSyntaxUID
-    try:
-        decoder = get_decoder(tsyntax)
-    except NotImplementedError as e:
-        raise DataError(f"{path}: no pixel-data decoder for transfer syntax {tsyntax.name} ({tsyntax})") from e
-    if not decoder.is_available:
-        raise DataError(
-            f"{path}: transfer syntax {tsyntax.name} needs a decoder plugin that is not installed "
-            f"(missing: {decoder.missing_dependencies})"
-        )
-    # Pillow decodes JPEG baseline ~3x faster than pylibjpeg here; any available plugin gives the same pixels
-    plugin = "pillow" if "pillow" in decoder.available_plugins else ""
-    bits = int(ds.get("BitsStored", ds.BitsAllocated))
-    # unsigned [0, 2^b - 1] -> 2^b - 1 - x; signed [-2^(b-1), 2^(b-1) - 1] -> -1 - x
-    invert_max = (2**bits - 1) if int(ds.get("PixelRepresentation", 0)) == 0 else -1
-    out = []
-    try:
-        # as_rgb=False: keep YBR data as stored, its Y plane is the gray image (no colour conversion needed)
-        for arr, meta in decoder.iter_array(ds, as_rgb=False, decoding_plugin=plugin):
-            pi = str(meta.get("photometric_interpretation", photometric)).upper()
-            if pi == "PALETTE COLOR":
-                arr = to_grayscale(apply_color_lut(arr, ds), "RGB")
-            elif samples == 3 or (arr.ndim == 3 and arr.shape[-1] == 3):
-                arr = to_grayscale(arr, pi)
-            elif pi == "MONOCHROME1":
-                arr = invert_max - arr.astype(np.int64)  # low values are bright; mirror the stored value range
-            out.append(arr)
-    except DataError:
-        raise
-    except Exception as e:  # decoders raise many unrelated types for corrupt or truncated pixel data
-        raise DataError(
-            f"{path}: cannot decode the pixel data (transfer syntax {tsyntax.name}, frame {len(out)}): "
-            f"{type(e).__name__}: {e}"
-        ) from e
-    frames = np.stack(out, 0)
-    if bits <= 8 and int(ds.get("PixelRepresentation", 0)) == 0 and frames.dtype != np.uint8:
-        frames = np.clip(np.rint(frames), 0, 255).astype(np.uint8)  # 8-bit data stays 8-bit after conversions
-    return frames
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -575,22 +510,21 @@ def check_query_points(points: np.ndarray, frames: np.ndarray, n_frames: int, im
 def read_mask_frame(path: str | Path, frame: int, image_size: tuple[int, int]) -> np.ndarray:
     """The (H, W) label map of a mask file at ``frame``.
 
-    Accepts a 2D mask (NIfTI (X, Y) width first, MetaImage/PNG (H, W)) used as it is, or a 2D+t mask in the video
-    conventions of :func:`read_nifti_video` from which ``frame`` is taken. The mask must have the video's frame
-    size ``image_size`` (H, W): a mask on another grid would put the points in the wrong place.
+    Accepts a 2D mask (any format :func:`common.data.io.read_image` reads, e.g. NIfTI, MetaImage, PNG) used as it
+    is, or a 2D+t mask in the video conventions of :func:`read_nifti_video` from which ``frame`` is taken. The
+    mask must have the video's frame size ``image_size`` (H, W): a mask on another grid would put the points in
+    the wrong place.
     """
     p = _require_file(path)
-    suffix = _suffix(p)
     img = read_image(p)
-    arr = np.asarray(img.array)
-    if suffix in (".nii", ".nii.gz"):
-        if arr.ndim == 4 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        arr = arr.T if arr.ndim == 2 else (arr.transpose(2, 1, 0) if arr.ndim == 3 else arr)
-    elif arr.ndim == 3 and arr.shape[0] == 1:
-        arr = arr[0]
+    arr = np.asarray(img.array)  # index order (W, H[, 1][, T]) for every format
+    if arr.ndim == 4 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim in (2, 3):
+        arr = to_frames(arr)
+        arr = arr[0] if arr.shape[0] == 1 else arr
     if arr.ndim == 3:
         if not 0 <= frame < arr.shape[0]:
             raise DataError(f"{p}: the mask sequence has {arr.shape[0]} frames, query frame {frame} is outside it")

@@ -5,7 +5,7 @@ NIfTI with the input's geometry at the input's resolution, optionally with an un
 paper's Fig. 7) and a PNG preview.
 
 * :func:`echo_inference_datalist` -- inputs -> cases. A 2D frame is a case of one frame (it is paired with itself);
-  a 2D+t file (NIfTI ``(W, H, T)``, MetaImage ``(T, H, W)`` or a NumPy ``(T, H, W)`` array) is a sequence; files named
+  a 2D+t file (NIfTI, MetaImage, a multi-frame DICOM cine, or a NumPy ``(T, H, W)`` array) is a sequence; files named
   ``<prefix>_ED.<ext>`` and ``<prefix>_ES.<ext>`` in one folder form an ED/ES pair; a list of 2D frame files is one
   case (a pair when two). ``*_gt.*`` files (CAMUS/TED reference labels) are skipped in folders.
 * :class:`LoadEchoFramesd` -- loads a case as ``(T, H, W)`` (frames as channels), apex at the top, and records
@@ -15,8 +15,9 @@ paper's Fig. 7) and a PNG preview.
   itself for one frame, the pair for two, consecutive pairs ``(t, t+1)`` cyclically for a sequence, as in TED
   training), averages the logits each frame receives from the pairs it is in, and resizes them back.
 * :class:`FrameArgmaxd` -- logits ``(T C, H, W)`` -> label maps ``(T, H, W)`` (+ normalised entropy ``(T, H, W)``).
-* :class:`SaveEchoPredictiond` -- writes the masks (and entropy maps) per input file, a PNG preview per case and
-  ``predictions.json`` (inputs, outputs, per-frame class areas in mm^2).
+* :class:`SaveEchoPredictiond` -- writes the masks (and entropy maps) per input file on that file's grid (its shape
+  and affine, :func:`common.data.loading.write_like`), a PNG preview per case and ``predictions.json`` (inputs,
+  outputs, per-frame class areas in mm^2).
 * :func:`plot_echo_overlay` -- image with reference (dashed) and predicted (solid) contours, and the entropy map.
 """
 
@@ -36,8 +37,8 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from common.data.camus import load_echo_frame
-from common.data.io import DataError, check_finite
+from common.data.io import DataError, read_image
+from common.data.loading import check_image_array, from_frames, read_npy, to_frames, write_like
 
 __all__ = [
     "ECHO_SUFFIXES",
@@ -54,7 +55,7 @@ __all__ = [
     "plot_echo_overlay",
 ]
 
-ECHO_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha", ".npy")
+ECHO_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha", ".dcm", ".dicom", ".npy")
 # LV red, Myo green, LA blue (the colours of common.data.synthetic.echo previews)
 CLASS_COLOURS = {1: "#ff4040", 2: "#40ff60", 3: "#4090ff", 4: "#ffd040", 5: "#ff40ff"}
 _PAIRINGS = ("auto", "cyclic", "self")
@@ -84,30 +85,47 @@ def _suffix(path: str | Path) -> str:
     return next((s for s in ECHO_SUFFIXES if name.endswith(s)), "")
 
 
-def _load_one(path: str | Path) -> tuple[np.ndarray, tuple[float, float], str]:
-    """``(frames (T, H, W), (row_mm, col_mm), kind)`` of one file; ``kind`` is nifti, mhd or npy."""
+_KINDS = {"nifti": "nifti", "itk": "mhd", "dicom": "dicom", "dicom_series": "dicom"}
+
+
+def _read_echo(path: str | Path) -> tuple[np.ndarray, tuple[float, float], str, tuple[int, ...], np.ndarray]:
+    """``(frames (T, H, W), (row_mm, col_mm), kind, file shape in index order, 4x4 RAS affine)`` of one file.
+
+    NIfTI, MetaImage and DICOM (a frame or a cine) are read by :func:`common.data.io.read_image` in the index
+    order of :mod:`common.data.loading` and turned into frames by one rule (:func:`~common.data.loading.to_frames`);
+    the file's shape and affine are kept so the writer restores its grid. ``.npy`` arrays are frames already
+    (``(H, W)`` or ``(T, H, W)``, no geometry: unit spacing). Every check of
+    :func:`~common.data.loading.check_image_array` applies (complex, NaN/Inf, degenerate sizes, ...).
+    """
     p = Path(path)
     suffix = _suffix(p)
     if not suffix:
         raise DataError(f"{p}: unsupported echo file (expected one of {', '.join(ECHO_SUFFIXES)})")
     if suffix == ".npy":
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: file not found")
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except Exception as e:  # numpy raises ValueError/OSError/EOFError for corrupt files
-            raise DataError(f"{p}: cannot read NumPy array ({type(e).__name__}: {e})") from e
-        if arr.ndim not in (2, 3) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        arr = read_npy(p)
+        if arr.ndim not in (2, 3):
             raise DataError(f"{p}: expected a numeric (H, W) frame or (T, H, W) sequence, got {arr.dtype} {arr.shape}")
-        check_finite(arr, p)
-        spacing, kind = (1.0, 1.0), "npy"
-    else:
-        arr, spacing = load_echo_frame(p)
-        kind = "nifti" if suffix in (".nii.gz", ".nii") else "mhd"
-    frames = arr[None] if arr.ndim == 2 else arr
-    if min(frames.shape[-2:]) < 2 or frames.shape[0] < 1:
-        raise DataError(f"{p}: frames must be at least 2x2 pixels, got shape {arr.shape}")
-    return frames, (float(spacing[0]), float(spacing[1])), kind
+        frames = arr[None] if arr.ndim == 2 else arr
+        shape = tuple(reversed(arr.shape))  # the index order the written mask will have: (W, H[, T])
+        check_image_array(frames.transpose(2, 1, 0), p)
+        return frames, (1.0, 1.0), "npy", shape, np.eye(4)
+    img = read_image(p)
+    arr = np.asarray(img.array)
+    if arr.ndim == 4 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise DataError(f"{p}: expected a 2D image or a 2D+t sequence, got shape {img.array.shape}")
+    spacing = (float(img.spacing[1]), float(img.spacing[0]))
+    kind = _KINDS.get(str(img.meta.get("format")), "nifti")
+    return to_frames(arr), spacing, kind, tuple(int(s) for s in img.array.shape), np.asarray(img.affine)
+
+
+def _load_one(path: str | Path) -> tuple[np.ndarray, tuple[float, float], str]:
+    """``(frames (T, H, W), (row_mm, col_mm), kind)`` of one file; ``kind`` is nifti, mhd, dicom or npy."""
+    frames, spacing, kind, _, _ = _read_echo(path)
+    return frames, spacing, kind
 
 
 def load_frames(paths: str | Path | Sequence[str | Path], frames: Sequence[int] | None = None
@@ -115,8 +133,10 @@ def load_frames(paths: str | Path | Sequence[str | Path], frames: Sequence[int] 
     """Load one file or several (their frames concatenated in order) and pick ``frames`` of the result.
 
     Returns ``(array (T, H, W) float32, spacing (row, col) mm, sources)`` where ``sources`` lists, per file, its
-    ``path``, ``kind`` and ``positions`` (indices into the returned stack of the frames taken from it) and
-    ``source_frames`` (their indices in the file). Raises ``FileNotFoundError``/``DataError`` naming the file.
+    ``path``, ``kind`` and ``positions`` (indices into the returned stack of the frames taken from it),
+    ``source_frames`` (their indices in the file), ``shape`` (the file's array shape in index order) and
+    ``affine`` (its 4x4 RAS affine, a nested list) -- what the writer needs to restore the file's grid. Raises
+    ``FileNotFoundError``/``DataError`` naming the file.
     """
     plist = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not plist:
@@ -124,14 +144,15 @@ def load_frames(paths: str | Path | Sequence[str | Path], frames: Sequence[int] 
     stacks, sources, spacing, shape = [], [], None, None
     offset = 0
     for p in plist:
-        arr, sp, kind = _load_one(p)
+        arr, sp, kind, file_shape, affine = _read_echo(p)
         if shape is None:
             shape, spacing = arr.shape[-2:], sp
         elif arr.shape[-2:] != shape:
             raise DataError(f"{p}: frame size {arr.shape[-2:]} differs from {Path(plist[0]).name} {shape}")
         stacks.append(arr)
         sources.append({"path": str(p), "kind": kind, "n_frames": int(arr.shape[0]),
-                        "range": (offset, offset + int(arr.shape[0]))})
+                        "range": (offset, offset + int(arr.shape[0])), "shape": list(file_shape),
+                        "affine": np.asarray(affine, dtype=np.float64).tolist()})
         offset += int(arr.shape[0])
     stack = np.concatenate(stacks, axis=0)
     idx = list(range(stack.shape[0])) if frames is None else [int(f) for f in frames]
@@ -210,6 +231,15 @@ def _n_frames(p: Path) -> int:
     return 1 if len(shape) == 2 else int(shape[0])
 
 
+def _single_frames(*paths: Path) -> bool:
+    """True when every file is one 2D frame; an unreadable header counts as not (the file then becomes a case of its
+    own, and screening reports why it cannot be read instead of the folder failing)."""
+    try:
+        return all(_n_frames(p) == 1 for p in paths)
+    except Exception:  # header readers raise many types for corrupt files
+        return False
+
+
 def echo_inference_datalist(input_path: str | Path | Sequence[str | Path]) -> list[dict]:
     """Cases to segment from a file, a folder (searched recursively) or a list of files (module docstring).
 
@@ -249,7 +279,7 @@ def echo_inference_datalist(input_path: str | Path | Sequence[str | Path]) -> li
         if stem.upper().endswith("_ED") and rel not in used:
             partner = p.with_name(stem[:-3] + stem[-3:].replace("ED", "ES").replace("ed", "es") + _suffix(p))
             prel = str(partner.relative_to(root))
-            if prel in by_name and _n_frames(p) == 1 and _n_frames(partner) == 1:
+            if prel in by_name and _single_frames(p, partner):
                 used.update({rel, prel})
                 rel_dir = p.parent.relative_to(root)
                 cases.append({"image": [str(p), str(partner)], "case": str(rel_dir / stem[:-3]),
@@ -411,11 +441,9 @@ def plot_echo_overlay(image: Any, pred: Any, out_png: str | Path, label: Any = N
                       class_names: Sequence[str] = ("LV", "Myo", "LA"), title: str = "") -> Path:
     """PNG of up to 4 frames: the image with reference (dashed) and predicted (solid) contours; below it the
     normalised entropy map when ``uncertainty`` is given. Arrays are ``(T, H, W)`` (or ``(H, W)``)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+
+    from common.plotting import save_figure, subplots
 
     img, prd, lab, unc = (_np(a) for a in (image, pred, label, uncertainty))
     img = img[None] if img.ndim == 2 else img
@@ -427,7 +455,7 @@ def plot_echo_overlay(image: Any, pred: Any, out_png: str | Path, label: Any = N
     titles = [f"frame {f}" for f in frames] if titles is None else list(titles)
     rows = 2 if unc is not None else 1
     h, w = img.shape[-2:]
-    fig, axes = plt.subplots(rows, len(frames), figsize=(3.2 * len(frames) * w / h + 0.6, 3.4 * rows),
+    fig, axes = subplots(rows, len(frames), figsize=(3.2 * len(frames) * w / h + 0.6, 3.4 * rows),
                              squeeze=False)
     lo, hi = float(np.min(img)), float(np.max(img))
     for col, (f, ttl) in enumerate(zip(frames, titles)):
@@ -455,53 +483,27 @@ def plot_echo_overlay(image: Any, pred: Any, out_png: str | Path, label: Any = N
                     Line2D([], [], color="gray", label="prediction")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png, dpi=100, tight=False)
 
 
 # --------------------------------------------------------------------------------------------------------- saving
 def _write_like(source: Mapping[str, Any], masks: np.ndarray, out_stem: Path, dtype: Any) -> Path:
-    """Write ``masks`` (n, H, W) -- the frames of one input file -- as NIfTI with that file's geometry."""
+    """Write ``masks`` (n, H, W) -- the frames of one input file -- as NIfTI on that file's grid.
+
+    When every frame of the file was predicted, the masks go back to the file's own shape (index order) with its
+    affine (spacing, origin and direction; a NIfTI input also passes on its header), whatever its format --
+    :func:`common.data.loading.write_like`. A subset of frames keeps the file's in-plane geometry, ``(W, H, n)``.
+    """
     out = out_stem.with_name(out_stem.name + ".nii.gz")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arr = masks.astype(dtype)
+    arr = np.asarray(masks).astype(dtype)
+    affine = np.asarray(source.get("affine", np.eye(4)), dtype=np.float64)
     whole = len(source["source_frames"]) == source["n_frames"]
-    if source["kind"] == "nifti" and whole:
-        import nibabel as nib
-
-        ref = nib.load(source["path"])
-        shape = ref.shape
-        # back to the file's width-first layout: (W, H), (W, H, 1) or (W, H, T)
-        data = arr[0].T if len(shape) == 2 else arr.transpose(2, 1, 0)
-        data = data.reshape(shape)
-        hdr = ref.header.copy()
-        hdr.set_data_dtype(dtype)
-        img = nib.Nifti1Image(data, ref.affine, hdr)
-        img.header.set_slope_inter(1.0, 0.0)  # class ids and probabilities are stored unscaled
-        nib.save(img, str(out))
-    elif source["kind"] == "mhd" and whole:
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(source["path"])
-        reader.ReadImageInformation()
-        size = reader.GetSize()  # (W, H[, T]); SimpleITK arrays are (H, W), (1, H, W) or (T, H, W)
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr.reshape(tuple(reversed(size)))))
-        img.SetSpacing(reader.GetSpacing())
-        img.SetOrigin(reader.GetOrigin())
-        img.SetDirection(reader.GetDirection())
-        sitk.WriteImage(img, str(out))
-    else:
-        from common.data.io import write_nifti
-
-        # a NumPy input (or a subset of a file's frames): width-first NIfTI with the loader's spacing
-        sr, sc = source.get("spacing", (1.0, 1.0))
-        data = arr[0].T if arr.shape[0] == 1 else arr.transpose(2, 1, 0)
-        write_nifti(out, data, spacing=(sc, sr) if data.ndim == 2 else (sc, sr, 1.0))
-    return out
+    if whole and "shape" in source:
+        data = from_frames(arr, source["shape"])
+        nifti = source["kind"] == "nifti"
+        return write_like(out, data, reference=source["path"] if nifti else None, affine=None if nifti else affine)
+    data = arr.transpose(2, 1, 0)
+    return write_like(out, data[..., 0] if data.shape[2] == 1 else data, affine=affine)
 
 
 class SaveEchoPredictiond(MapTransform):

@@ -8,16 +8,17 @@ original file and ``SaveImaged`` writes them with it.
 
 :func:`modality_datalist` turns a file, a folder, a list of files or a JSON datalist into entries
 ``{"image": path, "modality": name}``: the modality comes from the argument, else from the JSON entry, else from
-the file name (``ct_...``, ``..._mr_...``, ``mri``); when none of them gives it, the error names the file.
+the DICOM header (``Modality``) of a DICOM file or series folder, else from the file name (``ct_...``,
+``..._mr_...``, ``mri``); when none of them gives it, the error names the file. A folder of DICOM slices is one
+series (one volume), read ordered by geometry (:mod:`common.data.loading`).
 
-:func:`screen_inputs` reads every input once before a batch job starts: unreadable, NaN-holding or wrongly shaped
-files are recorded in a JSON file and left out, so one bad file does not stop the segmentation of the others.
+Screening of the inputs before a batch job (unreadable, NaN-holding or wrongly shaped files recorded in
+``failed_inputs.json`` and left out) is shared by every bundle: :mod:`common.engines.screening`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,11 +29,12 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from common.data.loading import dicom_modality
 from common.transforms.slices import slice_axis_index, stacks_to_volume, volume_to_slice_stacks
 
-__all__ = ["IMAGE_SUFFIXES", "SliceStackInferer", "modality_datalist", "modality_from_name", "screen_inputs"]
+__all__ = ["IMAGE_SUFFIXES", "SliceStackInferer", "modality_datalist", "modality_from_name"]
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".dcm", ".dicom")
 _MODALITY_ALIASES = {"ct": "ct", "mr": "mr", "mri": "mr"}
 _NAME_TOKEN = re.compile(r"(?:^|[^a-z0-9])(ct|mri|mr)(?=$|[^a-z0-9])", re.IGNORECASE)
 
@@ -127,6 +129,19 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and name.endswith(IMAGE_SUFFIXES) and "_label" not in name and "_seg" not in name
 
 
+def _folder_inputs(folder: Path) -> list[Path]:
+    """Volumes in a folder: a folder holding the slices of one DICOM series (and nothing else) is one volume;
+    otherwise its image files (DICOM files each on their own) and each sub-folder holding DICOM files (read as one
+    series each; a sub-folder that is not one fails with the reason when it is read)."""
+    from common.data.loading import dicom_files, is_dicom_series_dir
+
+    files = sorted(p for p in folder.iterdir() if _is_image(p))
+    if is_dicom_series_dir(folder) and all(f in dicom_files(folder) for f in files):
+        return [folder]
+    series = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and dicom_files(d))
+    return files + series
+
+
 def _check_modality(modality: str, modalities: Sequence[str], source: str) -> str:
     m = _MODALITY_ALIASES.get(str(modality).strip().lower(), str(modality))
     if m not in modalities:
@@ -135,7 +150,7 @@ def _check_modality(modality: str, modalities: Sequence[str], source: str) -> st
 
 
 def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: str | None = None,
-                      modalities: Sequence[str] = ("ct", "mr")) -> list[dict[str, str]]:
+                      modalities: Sequence[str] = ("ct", "mr"), ledger: Any = None) -> list[dict[str, str]]:
     """Inference entries ``[{"image": path, "modality": name}]``.
 
     Args:
@@ -145,10 +160,12 @@ def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: s
         modality: one modality for every input (overrides the JSON and the file names); ``None`` or ``""`` to take
             it per input.
         modalities: the modalities the network knows.
+        ledger: a :class:`common.engines.screening.BatchLedger`: an input that is missing or whose modality cannot
+            be told is recorded there (stage ``datalist``) and left out instead of stopping the job.
 
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without image files.
-        ValueError: an unknown modality, or an input whose modality cannot be told.
+        ValueError: an unknown modality, or an input whose modality cannot be told (without ``ledger``).
     """
     given = None if modality in (None, "") else _check_modality(modality, modalities, "all inputs")
     entries: list[dict[str, Any]] = []
@@ -159,10 +176,10 @@ def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: s
         if str(input_path) == "" or not path.exists():
             raise FileNotFoundError(f"input_path {str(input_path)!r} does not exist")
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if _is_image(p))
-            if not files:
-                raise FileNotFoundError(f"input_path {str(path)!r}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-            entries = [{"image": str(p)} for p in files]
+            entries = [{"image": str(p)} for p in _folder_inputs(path)]
+            if not entries:
+                raise FileNotFoundError(f"input_path {str(path)!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) "
+                                        "or DICOM series folders")
         elif path.name.lower().endswith(".json"):
             try:
                 content = json.loads(path.read_text())
@@ -177,58 +194,43 @@ def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: s
         else:
             entries = [{"image": str(path)}]
     out = []
+    stems: dict[str, str] = {}
     for e in entries:
         p = Path(e["image"])
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: image file not found")
-        if given is not None:
-            mod = given
-        elif e.get("modality"):
-            mod = _check_modality(e["modality"], modalities, str(p))
-        else:
-            mod = modality_from_name(p, modalities)
-            if mod is None:
-                raise ValueError(f"cannot tell the modality of {p}: name it in the file name (ct_/mr_), in a JSON "
-                                 f"datalist ('modality'), or pass --modality (one of {tuple(modalities)})")
+        try:
+            if not p.exists():
+                raise FileNotFoundError(f"{p}: image file not found")
+            if given is not None:
+                mod = given
+            elif e.get("modality"):
+                mod = _check_modality(e["modality"], modalities, str(p))
+            else:
+                # DICOM says it in its header (Modality tag); other formats may say it in their file name
+                header = dicom_modality(p)
+                mod = _check_modality(header, modalities, str(p)) if header else modality_from_name(p, modalities)
+                if mod is None:
+                    raise ValueError(f"cannot tell the modality of {p}: name it in the file name (ct_/mr_), in a "
+                                     f"JSON datalist ('modality'), or pass --modality (one of {tuple(modalities)})")
+            # SaveImaged names a prediction after the input's stem: two inputs with one stem (ct_x.nii.gz and
+            # ct_x.mha) would write one file twice, so the second one is refused instead of overwriting the first
+            stem = _output_stem(p)
+            if stem in stems:
+                raise ValueError(f"{p}: its prediction would overwrite that of {stems[stem]} (same name "
+                                 f"{stem!r}); rename one of them or run them separately")
+        except (FileNotFoundError, ValueError) as err:
+            if ledger is None:
+                raise
+            ledger.fail(str(p), str(err), "datalist")
+            continue
+        stems[stem] = str(p)
         out.append({"image": str(p), "modality": mod})
     return out
 
 
-def screen_inputs(entries: Sequence[dict[str, Any]], record_path: str | Path | None = None, key: str = "image",
-                  ndim: int | Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Keep the entries whose ``entry[key]`` image can be read, is finite and has ``ndim`` dimensions.
-
-    Each rejected input is logged with the reason (:func:`common.data.io.read_image`'s message, which names the
-    file) and written to ``record_path`` as ``{"failed": [{"input", "error"}], "n_inputs", "n_failed"}`` (the file
-    is removed when every input passes, so a stale record never survives a clean run).
-
-    Raises:
-        common.data.io.DataError: every input failed (the message lists them), or there was no input.
-    """
-    from common.data.io import DataError, read_image
-    from common.engines.handlers import write_json_atomic
-
-    allowed = None if ndim is None else ((ndim,) if isinstance(ndim, int) else tuple(ndim))
-    kept, failed = [], []
-    for entry in entries:
-        path = str(entry[key])
-        try:
-            shape = read_image(path).array.shape
-            if allowed is not None and len(shape) not in allowed:
-                raise DataError(f"{path}: expected a {' or '.join(map(str, allowed))}D image, got shape {shape}")
-        except (DataError, FileNotFoundError) as e:
-            logging.getLogger(__name__).warning("skipping input: %s", e)
-            failed.append({"input": path, "error": str(e)})
-            continue
-        kept.append(dict(entry))
-    if record_path is not None:
-        record = Path(record_path)
-        if failed:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(record, {"failed": failed, "n_inputs": len(entries), "n_failed": len(failed)})
-        elif record.is_file():
-            record.unlink()
-    if not kept:
-        detail = "; ".join(f["error"] for f in failed) if failed else "no input given"
-        raise DataError(f"no readable input: {detail}")
-    return kept
+def _output_stem(path: Path) -> str:
+    """The file-name stem ``SaveImaged`` derives a prediction's name from (``ct_x.nii.gz`` -> ``ct_x``)."""
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem

@@ -14,8 +14,10 @@ Variants (Sec. 4.3) are one config switch, ``variant``: :func:`lssc_network` and
 network and loss switches of :mod:`common.networks.lssc` and :mod:`common.losses.lssc`. Backbone and Baseline are
 single-modality models (one network per modality, as in the paper), so they need exactly one modality.
 
-Checkpoints hold the inference network only (:class:`InferenceWeights`: the EAMs, and class embeddings only the
-EAMs use, are training-only), so ``models/model.pt`` loads into ``lssc_network(..., for_inference=True)`` strictly.
+``models/model.pt`` holds the inference network only (:class:`InferenceWeights`: the EAMs, and class embeddings
+only the EAMs use, are training-only), so it loads into ``lssc_network(..., for_inference=True)`` strictly. The
+resumable training checkpoint (``models/checkpoint.pt``, :mod:`common.engines.checkpoint`) holds the whole training
+network, the optimiser, the LR schedule and the engine state.
 
 Evaluation: :class:`ModalityMetricsReport` scores every volume in its original geometry (Dice in %, ASD in mm, and
 optionally the other metrics of :mod:`common.metrics.segmentation`), and writes the paper's Table 2 layout (per
@@ -221,8 +223,13 @@ class UnpairedLoader:
         self._iters: dict[str, Any] = {}
 
     def set_epoch(self, epoch: int) -> None:
-        """Called at every epoch start (by :class:`UnpairedMultiModalTrainer`): reseeds distributed shuffling."""
+        """Called at every epoch start (by :class:`UnpairedMultiModalTrainer`): reseeds distributed shuffling.
+
+        The pass counters restart too, so an epoch's permutations depend on the epoch alone and a run resumed at
+        that epoch shuffles exactly as an uninterrupted one.
+        """
         self.epoch = int(epoch)
+        self._passes = dict.fromkeys(self.modalities, 0)
 
     def _new_iter(self, m: str) -> Any:
         sampler = self.samplers[m]
@@ -587,19 +594,18 @@ class ModalityMetricsReport:
                 "class_names": self.class_names, "modalities": self.modalities, "files": self.files}
 
     def _plot(self, path: Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Rectangle
+
+        from common.plotting import colormap, save_figure, subplots
 
         # the paper's Fig. 4 colours: LVM yellow, LAC green, LVC blue, AA red (other classes: tab10)
         named = {"LVM": "gold", "LAC": "limegreen", "LVC": "royalblue", "AA": "red"}
-        fallback = plt.get_cmap("tab10")
+        fallback = colormap("tab10")
         colours = [named.get(c, fallback(i)) for i, c in enumerate(self.class_names)]
         cmap = ListedColormap(colours)
         previews = sorted(self.previews, key=lambda p: (self.modalities.index(p["modality"]), p["case"]))
-        fig, axes = plt.subplots(len(previews), 3, figsize=(9, 3.1 * len(previews)), squeeze=False)
+        fig, axes = subplots(len(previews), 3, figsize=(9, 3.1 * len(previews)), squeeze=False)
         for r, p in enumerate(previews):
             img = p["image"].T  # in-plane (a, b) shown with b upwards (superior for coronal/sagittal RAS slices)
             lo, hi = np.percentile(img, (1, 99))
@@ -613,9 +619,7 @@ class ModalityMetricsReport:
                 extra = f" (mean Dice {p['dice']:.1f}%)" if c == 2 and p["dice"] is not None else ""
                 ax.set_title(f"{p['modality'].upper()} {p['case']} slice {p['slice']}: {title}{extra}", fontsize=7)
                 ax.axis("off")
-        handles = [plt.Rectangle((0, 0), 1, 1, color=col) for col in colours]
+        handles = [Rectangle((0, 0), 1, 1, color=col) for col in colours]
         fig.legend(handles, self.class_names, loc="lower center", ncol=len(self.class_names), fontsize=8)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=90, tight=False)

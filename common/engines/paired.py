@@ -32,6 +32,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from common.data.io import DataError
+from common.data.splits import resolve_split
 from common.engines.echo_inference import plot_echo_overlay
 from common.metrics.echo_segmentation import (
     ECHO_METRICS,
@@ -106,8 +107,8 @@ def echo_datalist(root: str | Path, split: str | None = "train", layout: str = "
 
     Args:
         root: dataset folder in its official layout (see :mod:`common.data.camus`, :mod:`common.data.ted`).
-        split: ``"train"``, ``"val"``, ``"test"`` or None (all patients); patient-level, seeded, ``val_fraction``
-            of the patients for validation (the CAMUS release's own split lists win when present).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``/None (all patients); patient-level, seeded,
+            ``val_fraction`` of the patients for validation (the CAMUS release's own split lists win when present).
         layout: ``"camus"``, ``"ted"`` or ``"auto"`` (:func:`detect_echo_layout`).
         views: CAMUS views (``"2CH"``, ``"4CH"`` or both).
         purpose: ``"train"`` (pairs) or ``"eval"`` (TED: whole sequences).
@@ -128,6 +129,7 @@ def echo_datalist(root: str | Path, split: str | None = "train", layout: str = "
         raise ValueError(f"camus_eval must be 'pairs' or 'sequences', got {camus_eval!r}")
     if not 0.0 <= float(frame_dropout) < 1.0:
         raise ValueError(f"frame_dropout must be in [0, 1), got {frame_dropout}")
+    split = resolve_split(split)
     kind = detect_echo_layout(root, layout)
     out: list[dict] = []
     if kind == "camus":
@@ -402,13 +404,10 @@ def _robustness_markdown(results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _robustness_plot(results: Sequence[Mapping[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from common.plotting import save_figure, subplots
 
     clean = next((r for r in results if r["condition"] == "clean"), None)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = subplots(figsize=(6.4, 4.0))
     for kind, colour in (("blur", "tab:blue"), ("noise", "tab:red")):
         for phase, style in (("ED", "-"), ("ES", "--")):
             pts = [(0.0, clean[f"mDice_{phase}"])] if clean and clean.get(f"mDice_{phase}") is not None else []
@@ -422,7 +421,4 @@ def _robustness_plot(results: Sequence[Mapping[str, Any]], path: Path) -> None:
     ax.set_title("Test-time corruption (paper Table 4 protocol)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

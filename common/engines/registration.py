@@ -15,9 +15,10 @@ depending on ``method``, an auxiliary network with its own Adam optimiser:
   jointly by one loss; both optimisers step every iteration.
 
 Everything a resumed run needs — both networks, both optimisers, the momentum state (plain numbers) and the engine's
-epoch/iteration — is :meth:`AdaCSTrainer.checkpoint_dict`; :class:`ResumeFromCheckpoint` loads it back, so a run
-resumed from an epoch checkpoint continues exactly as an uninterrupted one (the data order must depend on the epoch
-only: the bundle uses a seeded ``DistributedSampler``, also with one process).
+epoch/iteration — is :meth:`AdaCSTrainer.checkpoint_dict`; :func:`common.engines.checkpoint.training_state` adds
+what validation remembers and :class:`common.engines.checkpoint.ResumeFromCheckpoint` loads it back, so a run
+resumed from an epoch checkpoint continues exactly as an uninterrupted one (the data order depends on the epoch
+only: the bundle uses a seeded ``DistributedSampler``, also with one process, and reseeds every epoch).
 
 DDP: both networks may be ``DistributedDataParallel`` modules. Each optimisation step runs exactly one forward with
 gradients of the network it updates and every parameter of that network receives a gradient; the other network runs
@@ -80,7 +81,6 @@ __all__ = [
     "RegistrationMetric",
     "RegistrationMetricsd",
     "RegistrationReport",
-    "ResumeFromCheckpoint",
     "adacs_preset",
     "build_auxiliary_net",
     "plot_registration_examples",
@@ -384,28 +384,6 @@ class AdaCSTrainer(Trainer):
         return out
 
 
-class ResumeFromCheckpoint:
-    """Resume training from a checkpoint written with :meth:`AdaCSTrainer.checkpoint_dict` (no-op for an empty path).
-
-    Delegates to MONAI's ``CheckpointLoader`` (weights-only loading, the engine's epoch and iteration restored) at
-    ``Events.STARTED``. A path that is given but missing raises ``FileNotFoundError`` naming it.
-    """
-
-    def __init__(self, load_path: str | None, load_dict: dict, map_location: Any = None) -> None:
-        self.load_path = str(load_path) if load_path else ""
-        self.load_dict = load_dict
-        self.map_location = map_location
-
-    def attach(self, engine) -> None:
-        if not self.load_path:
-            return
-        if not Path(self.load_path).is_file():
-            raise FileNotFoundError(f"resume checkpoint {self.load_path} not found (--resume_from)")
-        from monai.handlers import CheckpointLoader
-
-        CheckpointLoader(self.load_path, self.load_dict, map_location=self.map_location).attach(engine)
-
-
 # ------------------------------------------------------------------------------------------------------ metrics
 def _quiet(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Call a metric function without MONAI's per-call deprecation notice from its surface-distance helper."""
@@ -548,7 +526,9 @@ def _warp_image(image: Tensor, displacement: Tensor) -> Tensor:
         from monai.networks.blocks.warp import Warp
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # MONAI announces its PyTorch resampler on construction
+            # MONAI announces its PyTorch resampler on construction
+            warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyTorch native grid_sample",
+                                    category=UserWarning)
             _WARPERS["bilinear"] = Warp(mode="bilinear", padding_mode="zeros")
     return _WARPERS["bilinear"](image.float(), displacement.float().to(image.device))
 
@@ -582,13 +562,10 @@ def plot_registration_examples(rows: Sequence[dict], out_png: str | Path, title:
     ``lost`` ``(H, W)``, ``dice``/``dice_identity`` numbers and ``transpose`` (show arrays transposed, for NIfTI
     ``(X, Y)`` data).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from common.plotting import save_figure, subplots
 
     n = max(len(rows), 1)
-    fig, axes = plt.subplots(n, 5, figsize=(15, 3.1 * n), squeeze=False)
+    fig, axes = subplots(n, 5, figsize=(15, 3.1 * n), squeeze=False)
     for r, row in enumerate(rows):
         t = bool(row.get("transpose", False))
         panels = [("source (ED)", row["source"], row.get("source_mask")),
@@ -625,12 +602,7 @@ def plot_registration_examples(rows: Sequence[dict], out_png: str | Path, title:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -830,10 +802,14 @@ class RegistrationInferenceWriter:
 
     Args:
         output_dir: output folder (created).
+        ledger: a :class:`common.engines.screening.BatchLedger`: a pair whose outputs cannot be written is recorded
+            there (stage ``writing``) and the run goes on; written pairs are recorded with their files. Without it,
+            a writing error stops the run.
     """
 
-    def __init__(self, output_dir: str) -> None:
+    def __init__(self, output_dir: str, ledger: Any = None) -> None:
         self.output_dir = Path(output_dir)
+        self.ledger = ledger
         self.records: list[dict] = []
 
     def attach(self, engine) -> None:
@@ -843,44 +819,63 @@ class RegistrationInferenceWriter:
         engine.add_event_handler(Events.COMPLETED, self._completed)
 
     def __call__(self, engine) -> None:
-        import torch.nn.functional as F
-
-        from common.data.io import write_nifti
-        from common.data.pairs import read_pair_image
+        from common.engines.screening import describe_error
 
         outputs = engine.state.output
+        if not outputs:
+            return  # a pair that failed before (recorded by common.engines.screening.CaseGuard)
         outputs = outputs if isinstance(outputs, list) else [outputs]
         items = _batch_items(engine)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for item, out in zip(items, outputs):
-            ddf = _plain(out["pred"]).detach().float().cpu()[None]
-            source, target, mask_path = item["source"], item["target"], item.get("source_mask") or ""
-            src, _, _ = read_pair_image(source)
-            _, affine, _ = read_pair_image(target)
-            h0, w0 = src.shape
-            h, w = ddf.shape[2:]
-            if (h, w) != (h0, w0):
-                ddf = F.interpolate(ddf, size=(h0, w0), mode="bilinear", align_corners=False)
-                ddf = ddf * torch.tensor([h0 / h, w0 / w]).view(1, 2, 1, 1)
-            warped = _warp_image(torch.from_numpy(src)[None, None], ddf)[0, 0].numpy()
-            name = str(item["name"])
-            rec = {"pair": name, "source": str(source), "target": str(target),
-                   "warped": str(write_nifti(self.output_dir / f"{name}_warped.nii.gz", warped, affine)),
-                   "displacement": str(write_nifti(self.output_dir / f"{name}_disp.nii.gz",
-                                                   np.ascontiguousarray(ddf[0].permute(1, 2, 0).numpy()), affine)),
-                   "nonpositive_jacobian_percent": float(nonpositive_jacobian_percent(ddf)[0]),
-                   "mean_displacement_pixels": float(ddf.norm(dim=1).mean())}
-            if mask_path:
-                mask, _, _ = read_pair_image(mask_path)
-                if mask.shape != src.shape:
-                    raise DataError(f"{mask_path}: mask shape {mask.shape} differs from source {src.shape}")
-                labels = torch.from_numpy(np.rint(mask).astype(np.int64))[None, None]
-                if int(labels.min()) < 0:
-                    raise DataError(f"{mask_path}: mask has negative labels")
-                wm = warp_mask(labels, ddf)[0, 0].numpy().astype(np.uint8)
-                rec["warped_mask"] = str(write_nifti(self.output_dir / f"{name}_warped_mask.nii.gz", wm, affine))
+            try:
+                rec = self._write_pair(item, out)
+            except Exception as e:  # one pair's writing failure (e.g. a bad mask file) is its own
+                if self.ledger is None or self.ledger.strict:
+                    raise
+                self.ledger.fail(str(item["source"]), describe_error(e), "writing")
+                continue
             self.records.append(rec)
-            engine.logger.info(f"{name}: wrote {rec['warped']}")
+            if self.ledger is not None:
+                self.ledger.succeed(str(item["source"]), {k: v for k, v in rec.items() if k != "source"})
+            engine.logger.info(f"{rec['pair']}: wrote {rec['warped']}")
+
+    def _write_pair(self, item: dict, out: dict) -> dict:
+        """Write one pair's warped image, displacement (and warped mask); its summary record."""
+        import torch.nn.functional as F
+
+        from common.data.io import write_nifti
+        from common.data.loading import write_like
+        from common.data.pairs import read_pair_image
+
+        ddf = _plain(out["pred"]).detach().float().cpu()[None]
+        source, target, mask_path = item["source"], item["target"], item.get("source_mask") or ""
+        src, _, _ = read_pair_image(source)
+        _, affine, _ = read_pair_image(target)
+        h0, w0 = src.shape
+        h, w = ddf.shape[2:]
+        if (h, w) != (h0, w0):
+            ddf = F.interpolate(ddf, size=(h0, w0), mode="bilinear", align_corners=False)
+            ddf = ddf * torch.tensor([h0 / h, w0 / w]).view(1, 2, 1, 1)
+        warped = _warp_image(torch.from_numpy(src)[None, None], ddf)[0, 0].numpy()
+        name = str(item["name"])
+        rec = {"pair": name, "source": str(source), "target": str(target),
+               # on the target's own grid: its shape and affine (a NIfTI target also passes on its header)
+               "warped": str(write_like(self.output_dir / f"{name}_warped.nii.gz", warped, reference=target)),
+               "displacement": str(write_nifti(self.output_dir / f"{name}_disp.nii.gz",
+                                               np.ascontiguousarray(ddf[0].permute(1, 2, 0).numpy()), affine)),
+               "nonpositive_jacobian_percent": float(nonpositive_jacobian_percent(ddf)[0]),
+               "mean_displacement_pixels": float(ddf.norm(dim=1).mean())}
+        if mask_path:
+            mask, _, _ = read_pair_image(mask_path)
+            if mask.shape != src.shape:
+                raise DataError(f"{mask_path}: mask shape {mask.shape} differs from source {src.shape}")
+            labels = torch.from_numpy(np.rint(mask).astype(np.int64))[None, None]
+            if int(labels.min()) < 0:
+                raise DataError(f"{mask_path}: mask has negative labels")
+            wm = warp_mask(labels, ddf)[0, 0].numpy().astype(np.uint8)
+            rec["warped_mask"] = str(write_like(self.output_dir / f"{name}_warped_mask.nii.gz", wm, reference=target))
+        return rec
 
     def _completed(self, engine) -> None:
         from common.engines.handlers import write_json_atomic

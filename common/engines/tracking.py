@@ -86,6 +86,7 @@ from common.metrics.tracking import (
     gls_mad,
     tracking_metrics,
 )
+from common.networks.specknet import split_pred
 from common.transforms.video import diastasis_frame, overlapping_segments
 
 __all__ = [
@@ -549,14 +550,16 @@ def tracking_collate(batch: Sequence[Mapping]) -> dict:
 
 
 class TrackingPredLoss(nn.Module):
-    """Weighted L1 on the bundle's packed tensors: ``pred (B, T, N, 3)`` = (x, y, confidence) against
-    ``label (B, T, N, 3)`` = (x, y, weight); see :func:`common.losses.tracking.tracking_l1_loss` (masked mean)."""
+    """Weighted L1 on the bundle's packed tensors: the adapter's channel-first ``pred (B, 3, T, N)`` = (x, y,
+    confidence) against ``label (B, T, N, 3)`` = (x, y, weight); see
+    :func:`common.losses.tracking.tracking_l1_loss` (masked mean)."""
 
     def forward(self, pred: Tensor, label: Tensor) -> Tensor:
-        if pred.shape[-1] != 3 or label.shape != pred.shape:
-            raise ValueError(f"TrackingPredLoss: pred and label must both be (B, T, N, 3), got {tuple(pred.shape)} "
-                             f"and {tuple(label.shape)}")
-        return tracking_l1_loss(pred[..., :2], label[..., :2], label[..., 2])
+        if pred.ndim != 4 or pred.shape[1] != 3 or label.ndim != 4 or label.shape != pred.movedim(1, -1).shape:
+            raise ValueError(f"TrackingPredLoss: pred must be (B, 3, T, N) and label (B, T, N, 3) of the same B, T, "
+                             f"N; got {tuple(pred.shape)} and {tuple(label.shape)}")
+        tracks, _ = split_pred(pred)
+        return tracking_l1_loss(tracks, label[..., :2], label[..., 2])
 
 
 class GradientClipping:
@@ -847,15 +850,6 @@ def _write_compact_json(path: str | Path, payload: Any) -> None:
     tmp.replace(p)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_tracks_on_frame(frame: np.ndarray, tracks: np.ndarray, out_png: str | Path, query_frame: int | None = None,
                          reference: np.ndarray | None = None, title: str = "") -> Path:
     """PNG of the first frame with every trajectory (coloured by point index) and its query position.
@@ -866,11 +860,11 @@ def plot_tracks_on_frame(frame: np.ndarray, tracks: np.ndarray, out_png: str | P
         query_frame: marks the query positions ``tracks[query_frame]`` with white rings.
         reference: optional (T, N, 2) reference tracks, drawn dashed in green.
     """
-    plt = _plt()
+    from common.plotting import colormap, save_figure, subplots
     h, w = frame.shape
-    fig, ax = plt.subplots(figsize=(6.0 * w / max(h, w) + 0.5, 6.0 * h / max(h, w) + 0.5))
+    fig, ax = subplots(figsize=(6.0 * w / max(h, w) + 0.5, 6.0 * h / max(h, w) + 0.5))
     ax.imshow(frame, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    cmap = plt.get_cmap("turbo")
+    cmap = colormap("turbo")
     n = tracks.shape[1]
     if reference is not None:
         for k in range(reference.shape[1]):
@@ -887,22 +881,17 @@ def plot_tracks_on_frame(frame: np.ndarray, tracks: np.ndarray, out_png: str | P
     ax.set_axis_off()
     label = "tracks over frame 0" + (f" (query frame {query_frame}, white rings)" if query_frame is not None else "")
     ax.set_title(f"{title}\n{label}" if title else label, fontsize=8)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png, dpi=120)
 
 
 def plot_strain_curve(strain: np.ndarray, out_png: str | Path, fps: float | None = None, ed: int = 0,
                       es: int | None = None, gls: float | None = None, reference_gls: float | None = None,
                       title: str = "") -> Path:
     """PNG of the longitudinal strain curve (%) over time (s, or frames without a frame rate)."""
-    plt = _plt()
+    from common.plotting import save_figure, subplots
     t = np.arange(len(strain), dtype=np.float64)
     x = t / fps if fps and math.isfinite(fps) and fps > 0 else t
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = subplots(figsize=(6.5, 3.6))
     ax.plot(x, strain, "-o", ms=2.5, color="tab:red", label="strain (tracked centre line)")
     ax.axhline(0.0, color="gray", lw=0.6)
     ax.axvline(x[ed], color="tab:blue", lw=0.8, ls="--", label=f"ED (frame {ed})")
@@ -915,18 +904,13 @@ def plot_strain_curve(strain: np.ndarray, out_png: str | Path, fps: float | None
     head = f"GLS {gls:.1f} %" if gls is not None and math.isfinite(gls) else "GLS n/a"
     ax.set_title(f"{title}  {head}" if title else head, fontsize=9)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png, dpi=120)
 
 
 def plot_temporal_invariance(curve: Sequence[Mapping], out_png: str | Path, title: str = "") -> Path:
     """PNG of delta_avg (top) and MTE (bottom) against the query-frame phase (paper Fig. 2/8), per dataset."""
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(6.5, 5.5), sharex=True)
+    from common.plotting import save_figure, subplots
+    fig, (a1, a2) = subplots(2, 1, figsize=(6.5, 5.5), sharex=True)
     phases = [100.0 * r["phase"] for r in curve]
     series = sorted({k.split("/")[0] for r in curve for k in r if "/" in k})
     series = series if len(series) > 1 else []  # one dataset: its curve is the overall one
@@ -943,12 +927,7 @@ def plot_temporal_invariance(curve: Sequence[Mapping], out_png: str | Path, titl
     a2.axvline(72, color="gray", lw=0.6, ls=":")
     a1.legend(fontsize=7)
     a1.set_title(title or "temporal invariance: accuracy vs query-frame phase", fontsize=9)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png, dpi=120)
 
 
 class TrackingReport:
@@ -1030,20 +1009,16 @@ class TrackingReport:
         engine.logger.info(f"tracking report written to {self.output_dir}")
 
     def _plot_gls(self, pairs: list[tuple[float, float]]) -> Path:
-        plt = _plt()
+        from common.plotting import save_figure, subplots
         ref, est = np.array(pairs).T
-        fig, ax = plt.subplots(figsize=(4.2, 4.0))
+        fig, ax = subplots(figsize=(4.2, 4.0))
         lo, hi = float(min(ref.min(), est.min())) - 2, float(max(ref.max(), est.max())) + 2
         ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
         ax.scatter(ref, est, s=14)
         ax.set_xlabel("reference GLS (%)")
         ax.set_ylabel("tracked GLS (%)")
         ax.set_title(f"GLS: MAD {np.mean(np.abs(est - ref)):.2f} %", fontsize=9)
-        fig.tight_layout()
-        out = self.output_dir / "gls.png"
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
-        return out
+        return save_figure(fig, self.output_dir / "gls.png", dpi=120)
 
     def summary(self, engine: Any) -> dict:
         """Extra entries of ``metrics.json``: per-dataset table, temporal-invariance curve, report files."""
@@ -1069,14 +1044,19 @@ class TrackingPredictionWriter:
         output_dir: output folder.
         visibility_threshold: confidence threshold of ``visible``.
         save_png: write the PNGs.
+        ledger: a :class:`common.engines.screening.BatchLedger`: a video whose outputs cannot be written is recorded
+            there (stage ``writing``) and the run goes on; written videos are recorded with their files. Without it,
+            a writing error stops the run.
     """
 
-    def __init__(self, output_dir: str, visibility_threshold: float = 0.5, save_png: bool = True) -> None:
+    def __init__(self, output_dir: str, visibility_threshold: float = 0.5, save_png: bool = True,
+                 ledger: Any = None) -> None:
         if not 0.0 <= visibility_threshold <= 1.0:
             raise ValueError(f"visibility_threshold must be in [0, 1], got {visibility_threshold}")
         self.output_dir = Path(output_dir)
         self.threshold = float(visibility_threshold)
         self.save_png = as_bool(save_png, "save_png")
+        self.ledger = ledger
         self.results: list[dict] = []
 
     def attach(self, engine: Any) -> None:
@@ -1087,12 +1067,26 @@ class TrackingPredictionWriter:
         engine.add_event_handler(Events.COMPLETED, self.finish)
 
     def __call__(self, engine: Any) -> None:
+        from common.engines.screening import INPUT_ID_KEY, describe_error
+
         batch, out = engine.state.batch, engine.state.output
+        if not out:
+            return  # a case that failed before (recorded by common.engines.screening.CaseGuard)
         pred_all = out[Keys.PRED]
         size_net = (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
         for b in range(pred_all.shape[0]):
             n = int(batch["n_points"][b]) if "n_points" in batch else pred_all.shape[2]
-            self.results.append(self._write_one(batch, b, pred_all[b, :, :n], size_net, float(out["time_s"])))
+            input_id = str(batch[INPUT_ID_KEY][b]) if INPUT_ID_KEY in batch else str(batch["path"][b])
+            try:
+                result = self._write_one(batch, b, pred_all[b, :, :n], size_net, float(out["time_s"]))
+            except Exception as e:  # one video's writing failure (disk, strain of degenerate tracks) is its own
+                if self.ledger is None or self.ledger.strict:
+                    raise
+                self.ledger.fail(input_id, describe_error(e), "writing")
+                continue
+            self.results.append(result)
+            if self.ledger is not None:
+                self.ledger.succeed(input_id, {"outputs": result["files"], "gls_percent": result["gls_percent"]})
             engine.logger.info(f"tracks written to {self.results[-1]['files']['json']}")
 
     def _write_one(self, batch: Mapping, b: int, pred: Tensor, size_net: tuple[int, int], time_s: float) -> dict:
@@ -1183,7 +1177,7 @@ class TrackingPredictionWriter:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# export (the documented alternatives to ckpt_export, which cannot capture a three-input network)
+# export with one's own query points (ckpt_export traces the image alone, i.e. the adapter's default query grid)
 
 
 def export_tracker(network: nn.Module, path: str | Path, n_frames: int, image_size: int | Sequence[int],
@@ -1191,7 +1185,7 @@ def export_tracker(network: nn.Module, path: str | Path, n_frames: int, image_si
     """Capture a SpeckNet bundle adapter with ``torch.export`` at fixed shapes and save it (``.pt2``).
 
     The program takes ``(image (1, 1, T, H, W), query_points (1, N, 2), query_frames (1, N))`` and returns
-    ``pred (1, T, N, 3)``; it is specialised to ``(T, H, W, N)`` (the cost-volume op's chunk loops are unrolled), so
+    ``pred (1, 3, T, N)``; it is specialised to ``(T, H, W, N)`` (the cost-volume op's chunk loops are unrolled), so
     each video length needs its own export.
     """
     h, w = _size2(image_size)
@@ -1212,8 +1206,8 @@ def trace_tracker(network: nn.Module, path: str | Path, n_frames: int, image_siz
     ``ckpt_export`` (``metadata.json`` of the bundle stored inside the ``.ts`` file when ``meta_file`` is given).
 
     ``ckpt_export`` cannot produce it: its scripting path is rejected by the TorchScript compiler and its tracing
-    path feeds a single random ``image``, while the network also needs the query points. Like :func:`export_tracker`
-    the program is specialised to ``(T, H, W, N)``; load it with ``torch.jit.load`` (or MONAI's
+    path feeds a single random ``image``, so it captures the adapter's default query grid only. Like
+    :func:`export_tracker` the program is specialised to ``(T, H, W, N)``; load it with ``torch.jit.load`` (or MONAI's
     ``load_net_with_metadata``) and call it as ``ts(image, query_points, query_frames)``.
     """
     import warnings

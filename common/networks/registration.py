@@ -54,9 +54,11 @@ from torch import Tensor, nn
 __all__ = [
     "ESTIMATORS",
     "DisplacementEstimator",
+    "ScriptableStackedVoxelMorph",
     "StackedPairAdapter",
     "VoxelMorphEstimator",
     "build_displacement_estimator",
+    "pull_warp",
     "voxelmorph_unet_channels",
 ]
 
@@ -199,6 +201,18 @@ class DisplacementEstimator(nn.Module):
         self.check_pair(source, target)
         return self.predict_displacement(source, target)  # inference needs no warped image
 
+    def scriptable_stacked(self) -> nn.Module:
+        """A ``torch.jit.script``-able module computing :meth:`forward_stacked` with this estimator's weights.
+
+        Raises:
+            RuntimeError: the estimator has no scriptable form (export it by tracing instead).
+        """
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled with torch.jit.script (MONAI's Swin blocks and Warp are not "
+            "scriptable); export it by tracing: `python -m monai.bundle ckpt_export ... --use_trace True "
+            "--input_shape \"[1, 2, H, W]\"` (see the bundle README, section Export)"
+        )
+
 
 class StackedPairAdapter(nn.Module):
     """Bundle-facing wrapper: ``image (B, 2, *spatial) -> displacement (B, spatial_dims, *spatial)``.
@@ -215,6 +229,13 @@ class StackedPairAdapter(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         return self.estimator.forward_stacked(image)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script (and so `monai.bundle ckpt_export` without --use_trace) calls this hook first and
+        # compiles what it returns. The eager estimators hold MONAI's Warp, which TorchScript rejects (it caches its
+        # grid in a plain attribute and branches on a compile-time flag); inference needs only the displacement, so
+        # the estimator hands over an equivalent TorchScript-compatible module that shares its weights.
+        return self.estimator.scriptable_stacked()
 
 
 class VoxelMorphEstimator(DisplacementEstimator):
@@ -287,6 +308,14 @@ class VoxelMorphEstimator(DisplacementEstimator):
         ddf = 2.0 * F.interpolate(self.net.dvf2ddf(half), size=velocity.shape[2:], mode=mode, align_corners=True)
         return ddf, half
 
+    def scriptable_stacked(self) -> nn.Module:
+        """:class:`ScriptableStackedVoxelMorph` sharing this estimator's backbone (see :meth:`forward_stacked`)."""
+        warp = self.net.dvf2ddf.warp_layer if self.integration_steps > 0 else self.warp_linear
+        return ScriptableStackedVoxelMorph(
+            self.net.backbone, self.spatial_dims, self.size_divisor, self.integration_steps, self.half_res,
+            warp._interp_mode_native, warp._padding_mode_native,
+        )
+
     def forward_with_velocity(self, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(warped, displacement, velocity)``: also the stationary velocity field that was integrated.
 
@@ -297,6 +326,73 @@ class VoxelMorphEstimator(DisplacementEstimator):
         self.check_pair(source, target)
         displacement, velocity = self._integrate(self.net.backbone(torch.cat([source, target], dim=1)))
         return self.warp(source, displacement, "bilinear"), displacement, velocity
+
+
+def pull_warp(image: Tensor, ddf: Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> Tensor:
+    """``image`` resampled at ``x + ddf(x)`` (TorchScript-compatible; the PyTorch path of MONAI's ``Warp``).
+
+    Args:
+        image: ``(B, C, *spatial)``.
+        ddf: ``(B, len(spatial), *spatial)`` displacement in pixels, channel ``k`` along spatial axis ``k``.
+        mode, padding_mode: as ``torch.nn.functional.grid_sample``.
+
+    Pixel centres are at integer coordinates (``align_corners=True``); a singleton axis maps to -1 as in MONAI.
+    """
+    nd = ddf.dim() - 2
+    ranges = [torch.arange(int(ddf.shape[2 + i]), device=ddf.device, dtype=ddf.dtype) for i in range(nd)]
+    position = torch.stack(torch.meshgrid(ranges, indexing="ij"), dim=0).unsqueeze(0) + ddf
+    # grid_sample wants normalised coordinates in [-1, 1] with the last spatial axis first (x, y[, z])
+    axes: list[Tensor] = []
+    for i in range(nd - 1, -1, -1):
+        axes.append(position[:, i] * 2.0 / max(int(ddf.shape[2 + i]) - 1, 1) - 1.0)
+    return F.grid_sample(image, torch.stack(axes, dim=-1), mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+class ScriptableStackedVoxelMorph(nn.Module):
+    """TorchScript form of ``StackedPairAdapter(VoxelMorphEstimator)``: ``image (B, 2, *spatial) -> displacement
+    (B, spatial_dims, *spatial)`` in pixels, with the estimator's own backbone module (shared weights).
+
+    Same computation as :meth:`VoxelMorphEstimator.forward_stacked`: backbone on the stacked pair (channel 0 source,
+    channel 1 target = ``cat(source, target)``), then scaling and squaring (MONAI ``DVF2DDF``: ``v / 2**steps``,
+    ``steps`` times ``u <- u + warp(u, u)``) with :func:`pull_warp` in place of MONAI's ``Warp`` (equal to its
+    PyTorch path; a test compares the scripted module with the eager estimator).
+    """
+
+    def __init__(self, backbone: nn.Module, spatial_dims: int, size_divisor: int, integration_steps: int,
+                 half_res: bool, mode: str = "bilinear", padding_mode: str = "zeros") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spatial_dims = int(spatial_dims)
+        self.size_divisor = int(size_divisor)
+        self.integration_steps = int(integration_steps)
+        self.half_res = bool(half_res)
+        self.mode = str(mode)
+        self.padding_mode = str(padding_mode)
+        self.resize_mode = "bilinear" if spatial_dims == 2 else "trilinear"
+
+    def _integrate(self, velocity: Tensor) -> Tensor:
+        ddf = velocity / float(2**self.integration_steps)
+        for _ in range(self.integration_steps):
+            ddf = ddf + pull_warp(ddf, ddf, self.mode, self.padding_mode)
+        return ddf
+
+    def forward(self, image: Tensor) -> Tensor:
+        if image.dim() != self.spatial_dims + 2 or image.shape[1] != 2:
+            raise ValueError("image must stack source and target as 2 channels, shape (B, 2, *spatial) with "
+                             + str(self.spatial_dims) + " spatial dims; got " + str(list(image.shape)))
+        for s in image.shape[2:]:
+            if s % self.size_divisor != 0:
+                raise ValueError("spatial size " + str(list(image.shape[2:])) + " of the pair must be divisible by "
+                                 + str(self.size_divisor))
+        velocity = self.backbone(image)
+        if self.integration_steps == 0:
+            return velocity
+        if not self.half_res:
+            return self._integrate(velocity)
+        # as VoxelMorphEstimator._integrate: a displacement of d pixels is d / 2 on the half-resolution grid
+        half = 0.5 * F.interpolate(velocity, scale_factor=0.5, mode=self.resize_mode, align_corners=True)
+        size = [int(v) for v in velocity.shape[2:]]
+        return 2.0 * F.interpolate(self._integrate(half), size=size, mode=self.resize_mode, align_corners=True)
 
 
 # name -> "module:class"; imported lazily so that estimator files may import this module (no import cycle)

@@ -48,16 +48,18 @@ returns the three normalised feature maps (the benchmark times it against the fu
 
 MONAI bundles (input key ``image``, output key ``pred``) use :class:`SpeckNetBundleAdapter`, a subclass with the same
 parameters (checkpoints are interchangeable) whose forward takes the channel-first video ``image (B, C, T, H, W)``
-plus the query points and frames and returns one tensor ``pred (B, T, N, 3)`` = ``(x, y, confidence)``. A bundle's
-evaluator/inferer passes the query points from the data dict with MONAI's
+plus the query points and frames and returns one channel-first tensor ``pred (B, 3, T, N)`` = ``(x, y,
+confidence)``. A bundle's trainer passes the query points from the data dict with MONAI's
 ``monai.engines.PrepareBatchExtraInput(extra_keys=["query_points", "query_frames"])`` and a plain
-``SimpleInferer``, which calls ``network(image, query_points, query_frames)``; ``verify_net_in_out`` uses
-``extra_forward_args``. One tensor output keeps ``pred`` decollatable and the adapter traceable.
+``SimpleInferer``, which calls ``network(image, query_points, query_frames)``. Called with the video alone (as the
+model zoo's ``verify_net_in_out`` and ``ckpt_export --use_trace`` call a bundle network) it tracks a centred grid
+of default query points from frame 0. One tensor output keeps ``pred`` decollatable and the adapter traceable.
 
 Export: in eval mode both ``torch.jit.trace`` and ``torch.export.export`` capture the adapter (tests check the
 captured programs against eager), but only for the shapes ``(B, T, H, W, N)`` they were captured with: the image size
 and the op's frame/point chunk loops are specialised, so a different video length needs a new capture.
-``torch.jit.script`` is not supported (the op uses dataclasses and checkpointing).
+``torch.jit.script`` is not supported: the cost-volume op dispatches between a chunked, checkpointed PyTorch path and
+Triton kernels (an autograd ``Function``) in Python, which the TorchScript compiler rejects.
 
 Choices the paper does not state
 --------------------------------
@@ -93,6 +95,7 @@ Choices the paper does not state
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +103,7 @@ from torch import Tensor, nn
 
 from common.ops.cost_volume import cost_volume_track, sample_query_features
 
-__all__ = ["PreActBlock", "PreActBlockGroup", "SpeckNet", "SpeckNetBundleAdapter", "split_pred"]
+__all__ = ["PreActBlock", "PreActBlockGroup", "SpeckNet", "SpeckNetBundleAdapter", "centred_grid", "split_pred"]
 
 # The op's pixel centres sit at i + 0.5, the data pipeline's at i.
 _OP_OFFSET = 0.5
@@ -452,18 +455,36 @@ def _capturing() -> bool:
 
 
 class SpeckNetBundleAdapter(SpeckNet):
-    """SpeckNet with the MONAI-bundle calling convention: channel-first ``image`` in, one ``pred`` tensor out.
+    """SpeckNet with the MONAI-bundle calling convention: channel-first ``image`` in, one channel-first ``pred`` out.
 
-    Same constructor and parameters as :class:`SpeckNet` (state dicts are interchangeable). Use it with
-    ``PrepareBatchExtraInput(extra_keys=["query_points", "query_frames"])`` and ``SimpleInferer`` so that the
-    evaluator calls ``network(image, query_points, query_frames)``.
+    Same parameters as :class:`SpeckNet` (state dicts are interchangeable); the one extra constructor argument,
+    ``default_grid``, has no weights. Use it with ``PrepareBatchExtraInput(extra_keys=["query_points",
+    "query_frames"])`` and ``SimpleInferer`` so that the trainer/evaluator calls ``network(image, query_points,
+    query_frames)``.
 
-    Shapes: ``forward(image (B, C, T, H, W) | (B, T, H, W), query_points (B, N, 2), query_frames (B, N) | (B,))`` ->
-    ``pred (B, T, N, 3)`` holding ``(x, y, confidence)``; :func:`split_pred` separates them.
+    Shapes: ``forward(image (B, C, T, H, W) | (B, T, H, W), query_points (B, N, 2) | None, query_frames (B, N) | (B,)
+    | None)`` -> ``pred (B, 3, T, N)``: channel 0 x, channel 1 y (input pixels), channel 2 confidence;
+    :func:`split_pred` returns them as ``tracks (B, T, N, 2)`` and ``confidence (B, T, N)``.
+
+    ``pred`` is channel-first, like every MONAI network output, so that ``pred.shape[1]`` is the 3 channels that
+    ``metadata.json`` declares (MONAI's ``verify_net_in_out`` checks axis 1). Without ``query_points`` the network
+    tracks :func:`centred_grid` points (``default_grid x default_grid``, query frame 0): that is how the model zoo's
+    checks call a bundle network (``network(image)``) and what ``ckpt_export --use_trace`` captures; real tracking
+    always passes its query points.
+
+    Args:
+        default_grid: points per axis of the default query grid (``default_grid ** 2`` points).
+        kwargs: as :class:`SpeckNet`.
     """
 
+    def __init__(self, *args: Any, default_grid: int = 4, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if int(default_grid) < 1:
+            raise ValueError(f"SpeckNetBundleAdapter: default_grid must be >= 1, got {default_grid}")
+        self.default_grid = int(default_grid)
+
     def forward(  # type: ignore[override]
-        self, image: Tensor, query_points: Tensor, query_frames: Tensor | int | None = None
+        self, image: Tensor, query_points: Tensor | None = None, query_frames: Tensor | int | None = None
     ) -> Tensor:
         if isinstance(image, Tensor) and image.ndim == 5:
             if image.shape[1] != self.in_channels:
@@ -472,12 +493,34 @@ class SpeckNetBundleAdapter(SpeckNet):
                     f"{tuple(image.shape)}"
                 )
             image = image.transpose(1, 2)  # (B, T, C, H, W)
+        if query_points is None:
+            if query_frames is not None:
+                raise ValueError("SpeckNetBundleAdapter: query_frames given without query_points")
+            video = self._frames(image)
+            grid = centred_grid(int(video.shape[-2]), int(video.shape[-1]), self.default_grid, device=video.device,
+                                dtype=video.dtype)
+            query_points = grid[None].expand(video.shape[0], -1, -1)
         out = super().forward(image, query_points, query_frames)
-        return torch.cat([out["tracks"], out["confidence"][..., None]], dim=-1)
+        # (B, T, N, 3) -> channel-first (B, 3, T, N)
+        return torch.cat([out["tracks"], out["confidence"][..., None]], dim=-1).permute(0, 3, 1, 2)
+
+
+def centred_grid(height: int, width: int, points_per_axis: int, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """``points_per_axis ** 2`` query points ``(N, 2)`` ``(x, y)``: the cell centres of a regular
+    ``points_per_axis x points_per_axis`` tiling of an ``height x width`` image (pixel centres at integers), so the
+    grid is symmetric about the image centre; row-major order (y outer, x inner)."""
+    g = int(points_per_axis)
+    if g < 1 or height < 1 or width < 1:
+        raise ValueError(f"centred_grid: sizes must be positive, got {height} x {width} with {points_per_axis} points")
+    steps = (torch.arange(g, device=device, dtype=dtype) + 0.5) / g
+    ys, xs = torch.meshgrid(steps * height - 0.5, steps * width - 0.5, indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
 
 
 def split_pred(pred: Tensor) -> tuple[Tensor, Tensor]:
-    """Split an adapter output ``pred (..., T, N, 3)`` into tracks ``(..., T, N, 2)`` and confidence ``(..., T, N)``."""
-    if pred.shape[-1] != 3:
-        raise ValueError(f"split_pred: pred must end with a (x, y, confidence) axis of size 3, got {tuple(pred.shape)}")
-    return pred[..., :2], pred[..., 2]
+    """Split an adapter output ``pred (B, 3, T, N)`` into tracks ``(B, T, N, 2)`` and confidence ``(B, T, N)``."""
+    if pred.ndim != 4 or pred.shape[1] != 3:
+        raise ValueError(f"split_pred: pred must be channel-first (B, 3, T, N) = (x, y, confidence), got "
+                         f"{tuple(pred.shape)}")
+    return pred[:, :2].permute(0, 2, 3, 1), pred[:, 2]

@@ -3,8 +3,9 @@
 Written from the TransMorph paper and the AdaCS spec (``METHODS.md`` §3); the Swin parts are MONAI 1.6.1's
 (``PatchEmbed``, ``SwinTransformerBlock`` = (shifted-)window attention with relative position bias + MLP, its
 attention-mask helper ``compute_mask``, ``PatchMergingV2``). MONAI's ``BasicLayer``/``SwinTransformer`` are not used
-because they need ``einops``, which is not a dependency of this project; :class:`SwinStage` stacks the blocks the
-same way (no shift in even blocks, half-window shift in odd blocks).
+because a ``BasicLayer`` returns only its patch-merged output, while TransMorph keeps each stage's output before the
+merging as a decoder skip (and ``BasicLayer`` pads with ``np.ceil``, a Python float in traces);
+:class:`SwinStage` stacks the blocks the same way (no shift in even blocks, half-window shift in odd blocks).
 
 Layout for an input pair ``(B, 1, *spatial)`` (``spatial = (H, W)``; ``(D, H, W)`` with ``spatial_dims=3``) and
 ``n = len(depths)`` stages of widths ``C_i = embed_dim * 2**i``:

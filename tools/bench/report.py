@@ -144,16 +144,10 @@ def write_report(
         md += ["", "```json", json.dumps(extra, indent=2, default=str), "```", ""]
     paths["md"].write_text("\n".join(md))
     if plot is not None:
-        import matplotlib
+        from common.plotting import save_figure, subplots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = subplots(figsize=(8, 4.5))
         plot(ax)
         ax.set_title(title or name)
-        fig.tight_layout()
-        paths["png"] = out / f"{name}.png"
-        fig.savefig(paths["png"], dpi=110)
-        plt.close(fig)
+        paths["png"] = save_figure(fig, out / f"{name}.png", dpi=110)
     return paths

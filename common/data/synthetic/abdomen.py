@@ -39,7 +39,7 @@ from common.data.synthetic.anatomy3d import (
     t2spir_table,
     tissue_lookup,
 )
-from common.plotting import save_figure
+from common.plotting import save_figure, subplots
 
 __all__ = [
     "btcv_label_lut",
@@ -243,10 +243,6 @@ def write_abdomen(root: str | Path, n_ct: int = 4, n_mr: int = 4, seed: int = 0,
 
 def plot_abdomen(root: str | Path, out_png: str | Path) -> Path:
     """PNG of an axial slice through the kidneys of the first BTCV and first CHAOS case, with organ contours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from common.data.abdomen import (
         ABDOMEN_STRUCTURES,
@@ -272,7 +268,7 @@ def plot_abdomen(root: str | Path, out_png: str | Path) -> Path:
         pass
     if not panels:
         raise FileNotFoundError(f"{root}: no BTCV or CHAOS case to plot")
-    fig, axes = plt.subplots(1, 2 * len(panels), figsize=(6.5 * len(panels), 3.5), squeeze=False)
+    fig, axes = subplots(1, 2 * len(panels), figsize=(6.5 * len(panels), 3.5), squeeze=False)
     colors = ("tab:red", "tab:green", "tab:blue", "tab:orange")
     for n, (title, img, lab, (lo, hi)) in enumerate(panels):
         kid = ((lab == 2) | (lab == 3)).sum((0, 1))

@@ -38,7 +38,7 @@ from common.data.synthetic.anatomy3d import (
     rician_noise,
     tissue_lookup,
 )
-from common.plotting import save_figure
+from common.plotting import save_figure, subplots
 
 __all__ = [
     "ACDC_LABELS",
@@ -308,17 +308,13 @@ def write_acdc(root: str | Path, n_patients: int = 5, seed: int = 0, *, shape: t
 
 def plot_acdc(patient_dir: str | Path, out_png: str | Path, n_slices: int = 3) -> Path:
     """PNG of ED and ES at ``n_slices`` levels (base to apex) with label contours (RV blue, Myo green, LV red)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from common.data.acdc import load_acdc_patient
 
     pat = load_acdc_patient(patient_dir, load_arrays=True)
     nz = pat["image_ed_array"].shape[2]
     ks = np.linspace(0, nz - 1, n_slices + 2)[1:-1].round().astype(int) if nz > n_slices else np.arange(nz)
-    fig, axes = plt.subplots(2, len(ks), figsize=(3 * len(ks), 6), squeeze=False)
+    fig, axes = subplots(2, len(ks), figsize=(3 * len(ks), 6), squeeze=False)
     colors = {1: "tab:blue", 2: "tab:green", 3: "tab:red"}
     for row, key in enumerate(("ed", "es")):
         img, lab = pat[f"image_{key}_array"], pat[f"label_{key}_array"]

@@ -562,10 +562,7 @@ def plot_echo_sequence(seq_or_paths, out_png: str | Path, frames: Sequence[int] 
     ``sequence_label``) keys. ``frames`` defaults to ED, mid-systole, ES and mid-diastole when present.
     Visible points are filled dots with a short trail of the previous ``tail`` frames; invisible ones are crosses.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from common.plotting import save_figure, subplots
 
     d = _load_for_plot(seq_or_paths)
     imgs = d["images"]
@@ -580,7 +577,7 @@ def plot_echo_sequence(seq_or_paths, out_png: str | Path, frames: Sequence[int] 
             raise ValueError(f"frame {f} out of range for a sequence of {T} frames")
     n = len(frames)
     h, w = imgs.shape[1:]
-    fig, axes = plt.subplots(1, n, figsize=(4.0 * n * w / h, 4.3), squeeze=False)
+    fig, axes = subplots(1, n, figsize=(4.0 * n * w / h, 4.3), squeeze=False)
     for ax, f in zip(axes[0], frames):
         ax.imshow(imgs[f], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         if d["labels"] is not None:
@@ -600,9 +597,4 @@ def plot_echo_sequence(seq_or_paths, out_png: str | Path, frames: Sequence[int] 
         ax.set_title(f"frame {f}{tag}", fontsize=8)
         ax.set_axis_off()
     fig.suptitle(d["title"], fontsize=9)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png, dpi=110)

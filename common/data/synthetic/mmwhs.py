@@ -36,7 +36,7 @@ from common.data.synthetic.anatomy3d import (
     rotation_matrix,
     tissue_lookup,
 )
-from common.plotting import save_figure
+from common.plotting import colormap, save_figure, subplots
 
 __all__ = ["mmwhs_label_lut", "simulate_mmwhs_volume", "write_mmwhs", "plot_mmwhs"]
 
@@ -116,10 +116,6 @@ def write_mmwhs(root: str | Path, n_ct: int = 4, n_mr: int = 4, seed: int = 0, *
 
 def plot_mmwhs(root: str | Path, out_png: str | Path, n_cases: int = 2) -> Path:
     """PNG of axial and coronal mid-slices of the first CT and MR cases with contours of the seven structures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from common.data.io import DataError, read_image
     from common.data.mmwhs import find_mmwhs_cases
@@ -132,8 +128,8 @@ def plot_mmwhs(root: str | Path, out_png: str | Path, n_cases: int = 2) -> Path:
             continue
     if not cases:
         raise FileNotFoundError(f"{root}: no MM-WHS cases to plot")
-    fig, axes = plt.subplots(len(cases), 2, figsize=(7, 3.5 * len(cases)), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = subplots(len(cases), 2, figsize=(7, 3.5 * len(cases)), squeeze=False)
+    cmap = colormap("tab10")
     for r, (mod, name, ip, lp) in enumerate(cases):
         img, lab = read_image(ip).array, read_image(lp).array
         zc = int(np.argmax((lab > 0).sum((0, 1))))

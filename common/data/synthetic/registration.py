@@ -44,7 +44,7 @@ from common.data.synthetic.anatomy3d import (
     rician_noise,
     tissue_lookup,
 )
-from common.plotting import save_figure
+from common.plotting import save_figure, subplots
 
 __all__ = [
     "PAIR_MODALITIES",
@@ -315,16 +315,12 @@ def write_registration_pairs(root: str | Path, n_pairs: int = 20, seed: int = 0,
 
 def plot_registration_pairs(root: str | Path, out_png: str | Path, n: int = 4) -> Path:
     """PNG per pair: source, target, |target - warped source| and the lost map (red) with myocardium contours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from common.data.io import read_image
     from common.data.registration import read_displacement, registration_pairs_datalist
 
     dl = registration_pairs_datalist(root)[:n]
-    fig, axes = plt.subplots(len(dl), 4, figsize=(12, 3 * len(dl)), squeeze=False)
+    fig, axes = subplots(len(dl), 4, figsize=(12, 3 * len(dl)), squeeze=False)
     for r, e in enumerate(dl):
         s, t = read_image(e["source"]).array, read_image(e["target"]).array
         sm, tm = read_image(e["source_myo"]).array, read_image(e["target_myo"]).array

@@ -17,9 +17,12 @@ CONFIGS = BUNDLE / "configs"
 
 # a small but complete network: every level, the 3-step integration and the scoring U-Net are exercised
 TINY_NETS = {
-    "estimator_kwargs": "{'enc_channels': [8, 8, 8, 8], 'dec_channels': [8, 8, 8, 8, 8, 8, 8], 'integration_steps': 3}",
-    "scoring_channels": "{'enc_channels': [8, 8, 8, 8], 'dec_channels': [8, 8, 8, 8, 8, 8, 8]}",
-    "image_size": "[64, 64]",
+    "network_def#estimator#enc_channels": "[8, 8, 8, 8]",
+    "network_def#estimator#dec_channels": "[8, 8, 8, 8, 8, 8, 8]",
+    "network_def#estimator#integration_steps": "3",
+    "scoring_def#enc_channels": "[8, 8, 8, 8]",
+    "scoring_def#dec_channels": "[8, 8, 8, 8, 8, 8, 8]",
+    "spatial_size": "[64, 64]",
 }
 TINY_TRAIN = {**TINY_NETS, "epochs": "1", "batch_size": "4"}
 

@@ -26,10 +26,13 @@ pytestmark = [
 ]
 
 
+ESTIMATOR_KWARGS = {"enc_channels": [8, 8, 8, 8], "dec_channels": [8] * 7, "integration_steps": 3}
+TINY_SCORING = {"scoring_def#enc_channels": [8] * 4, "scoring_def#dec_channels": [8] * 7}
+
+
 def _tiny_inference_overrides() -> dict:
-    """The tiny network of the CLI run, as Python values for in-process calls."""
-    return {"estimator_kwargs": {"enc_channels": [8, 8, 8, 8], "dec_channels": [8] * 7, "integration_steps": 3},
-            "image_size": [64, 64]}
+    """The tiny network of the CLI run, as Python values for in-process calls (nested ``network_def`` overrides)."""
+    return {**{f"network_def#estimator#{k}": v for k, v in ESTIMATOR_KWARGS.items()}, "spatial_size": [64, 64]}
 
 
 # ------------------------------------------------------------------------------------------- inputs on disk
@@ -57,7 +60,9 @@ def _write_dicom(path: Path, array: np.ndarray, spacing=(0.5, 0.7), position=(10
 
 
 def _inference_inputs(folder: Path, cache: Path) -> dict[str, tuple[int, int]]:
-    """Three pairs: NIfTI with a source mask (128x128), PNG (96x80, resized for the net) and DICOM (64x72)."""
+    """Three pairs: NIfTI with a source mask (128x128), PNG (96x80, resized for the net) and DICOM (64x72).
+
+    Returns each pair's array shape as read (index order (x, y) for every format: (W, H) for PNG and DICOM)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,7 +77,7 @@ def _inference_inputs(folder: Path, cache: Path) -> dict[str, tuple[int, int]]:
     yy, xx = np.mgrid[0:64, 0:72]
     for name, c in (("caseC_source", 30), ("caseC_target", 32)):
         _write_dicom(folder / f"{name}.dcm", 1000 * np.exp(-((yy - c) ** 2 + (xx - 36) ** 2) / 200.0) + 100)
-    return {"caseA": (128, 128), "caseB": (96, 80), "caseC": (64, 72)}
+    return {"caseA": (128, 128), "caseB": (80, 96), "caseC": (72, 64)}
 
 
 def _reference_warp(image: np.ndarray, disp: np.ndarray, order: int = 1) -> np.ndarray:
@@ -113,7 +118,7 @@ def test_train_evaluate_inference_cli(trained_bundle, adacs_env, adacs, tmp_path
     shapes = _inference_inputs(inputs, Path(adacs_env["ADACS_CACHE"]))
     pred = tmp_path / "pred"
     # inference builds only f: the scoring net's settings are not inference keys (unknown overrides fail)
-    infer_nets = {k: v for k, v in adacs.TINY_NETS.items() if k != "scoring_channels"}
+    infer_nets = {k: v for k, v in adacs.TINY_NETS.items() if not k.startswith("scoring_def")}
     adacs.run_bundle(["inference.json"], {**infer_nets, "bundle_root": str(trained_bundle),
                                           "input_path": str(inputs), "output_dir": str(pred)}, adacs_env, cwd=tmp_path)
     summary = json.loads((pred / "inference_summary.json").read_text())
@@ -132,8 +137,9 @@ def test_train_evaluate_inference_cli(trained_bundle, adacs_env, adacs, tmp_path
     np.testing.assert_allclose(nib.load(str(pred / "caseA_disp.nii.gz")).affine,
                                nib.load(str(inputs / "caseA_target.nii.gz")).affine)
     dicom_affine = nib.load(str(pred / "caseC_warped.nii.gz")).affine
-    np.testing.assert_allclose(dicom_affine[:3, 0], [0, -0.5, 0], atol=1e-6)
-    np.testing.assert_allclose(dicom_affine[:3, 1], [-0.7, 0, 0], atol=1e-6)
+    # index order: axis 0 runs along a row (column spacing 0.7 mm, LPS +x = RAS -x), axis 1 down the rows
+    np.testing.assert_allclose(dicom_affine[:3, 0], [-0.7, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(dicom_affine[:3, 1], [0, -0.5, 0], atol=1e-6)
     np.testing.assert_allclose(dicom_affine[:3, 3], [-10, -20, 30], atol=1e-6)
     # the warped mask is the source mask pulled through the written field
     mask = read_image(inputs / "caseA_source_mask.nii.gz").array.astype(float)
@@ -150,8 +156,7 @@ def test_exported_model_holds_only_the_displacement_estimator(trained_bundle):
 
     model = torch.load(trained_bundle / "models" / "model.pt", weights_only=True)
     assert model and all(k.startswith("estimator.") for k in model)
-    kw = _tiny_inference_overrides()["estimator_kwargs"]
-    adapter = StackedPairAdapter(build_displacement_estimator("voxelmorph", spatial_dims=2, **kw))
+    adapter = StackedPairAdapter(build_displacement_estimator("voxelmorph", spatial_dims=2, **ESTIMATOR_KWARGS))
     adapter.load_state_dict(model, strict=True)  # exactly the inference network, nothing else
     full = torch.load(trained_bundle / "models" / "checkpoint.pt", weights_only=True)
     scoring = build_auxiliary_net("adacs", 2, enc_channels=[8] * 4, dec_channels=[8] * 7)
@@ -165,7 +170,7 @@ def test_exported_model_holds_only_the_displacement_estimator(trained_bundle):
 
 def test_verify_net_in_out_and_torchscript_export(trained_bundle, adacs_env, adacs, tmp_path):
     common_args = ["--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.json"),
-                   "--estimator_kwargs", adacs.TINY_NETS["estimator_kwargs"]]
+                   *adacs.cli_args({k: v for k, v in adacs.TINY_NETS.items() if k.startswith("network_def")})]
     verify = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
                              "--device", "cpu", "--n", "4", *common_args], cwd=tmp_path, env=adacs_env,
                             capture_output=True, text=True, timeout=300)
@@ -174,18 +179,18 @@ def test_verify_net_in_out_and_torchscript_export(trained_bundle, adacs_env, ada
     ts = tmp_path / "adacs_f.ts"
     export = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
                              "--filepath", str(ts), "--ckpt_file", str(trained_bundle / "models" / "model.pt"),
-                             "--use_trace", "True", "--input_shape", "[1, 2, 64, 64]", *common_args],
+                             *common_args],  # no --use_trace: the README's scripted export
                             cwd=tmp_path, env=adacs_env, capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
     from common.networks.registration import StackedPairAdapter, build_displacement_estimator
 
-    adapter = StackedPairAdapter(build_displacement_estimator(
-        "voxelmorph", spatial_dims=2, **_tiny_inference_overrides()["estimator_kwargs"]))
+    adapter = StackedPairAdapter(build_displacement_estimator("voxelmorph", spatial_dims=2, **ESTIMATOR_KWARGS))
     adapter.load_state_dict(torch.load(trained_bundle / "models" / "model.pt", weights_only=True))
     adapter.eval()
     extra = {"metadata.json": ""}
     loaded = torch.jit.load(str(ts), _extra_files=extra)
-    assert json.loads(extra["metadata.json"])["version"] == "0.1.0"
+    version = json.loads((CONFIGS / "metadata.json").read_text())["version"]
+    assert json.loads(extra["metadata.json"])["version"] == version
     x = torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), adapter(x), rtol=1e-4, atol=1e-5)
@@ -211,7 +216,7 @@ def _run_inprocess(configs: list[str], overrides: dict, monkeypatch, cache: str)
 
 def test_missing_checkpoint_fails_clearly(adacs_env, tmp_path, monkeypatch):
     overrides = {**_tiny_inference_overrides(), "bundle_root": str(tmp_path), "output_dir": str(tmp_path / "o"),
-                 "scoring_channels": {"enc_channels": [8] * 4, "dec_channels": [8] * 7}}
+                 **TINY_SCORING}
     with pytest.raises(Exception) as info:
         _run_inprocess(["train.json", "evaluate.json"], overrides, monkeypatch, adacs_env["ADACS_CACHE"])
     assert re.search(r"checkpoint .*models/model.pt not found: train the bundle first",
@@ -233,7 +238,7 @@ def test_bad_inference_images_fail_clearly(problem, trained_bundle, adacs_env, t
         (tmp_path / "bad_target.nii.gz").write_bytes(b"this is not a NIfTI file")
     expected = {"nan": r"bad_target.nii.gz: image contains 1 NaN/Inf values",
                 "shape": r"bad_source.nii.gz has shape \(64, 64\) but .*bad_target.nii.gz has \(64, 48\)",
-                "unreadable": r"bad_target.nii.gz: cannot read image"}[problem]
+                "unreadable": r"bad_target.nii.gz: not a readable NIfTI file"}[problem]
     overrides = {**_tiny_inference_overrides(), "bundle_root": str(trained_bundle),
                  "input_path": str(tmp_path / "bad_source.nii.gz"), "output_dir": str(tmp_path / "o")}
     with pytest.raises(Exception) as info:
@@ -244,7 +249,7 @@ def test_bad_inference_images_fail_clearly(problem, trained_bundle, adacs_env, t
 
 def test_bundle_resume_continues_identically(adacs_env, tmp_path, monkeypatch):
     """``--resume_from`` restores f, g, both optimisers, the momentum state and the epoch (bundle wiring)."""
-    tiny = {**_tiny_inference_overrides(), "scoring_channels": {"enc_channels": [8] * 4, "dec_channels": [8] * 7},
+    tiny = {**_tiny_inference_overrides(), **TINY_SCORING,
             "batch_size": 4, "warmup_epochs": 0, "val_interval": 5}
     straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
     _run_inprocess(["train.json"], {**tiny, "epochs": 2, "bundle_root": str(straight)}, monkeypatch,

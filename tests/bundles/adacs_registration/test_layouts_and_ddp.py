@@ -57,8 +57,9 @@ def test_official_layout_trains_and_evaluates_unchanged(layout, official_layouts
     from common.data.pairs import pair_datalist
 
     dataset = official_layouts[layout]
-    tiny = {"estimator_kwargs": {"enc_channels": [8] * 4, "dec_channels": [8] * 7, "integration_steps": 3},
-            "scoring_channels": {"enc_channels": [8] * 4, "dec_channels": [8] * 7}, "image_size": [64, 64],
+    tiny = {"network_def#estimator#enc_channels": [8] * 4, "network_def#estimator#dec_channels": [8] * 7,
+            "network_def#estimator#integration_steps": 3, "scoring_def#enc_channels": [8] * 4,
+            "scoring_def#dec_channels": [8] * 7, "spatial_size": [64, 64],
             "epochs": 1, "batch_size": 4, "dataset_dir": str(dataset), "bundle_root": str(tmp_path),
             "output_dir": str(tmp_path / "eval")}
     wf = _run(["train.json"], tiny, monkeypatch, adacs_env["ADACS_CACHE"])

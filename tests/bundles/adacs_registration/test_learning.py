@@ -36,7 +36,7 @@ def test_adacs_learns_registration_and_scores_lost_regions_low(tmp_path, monkeyp
     write_registration_pairs(data, n_pairs=48, seed=0, progress=False)
     configs = Path(__file__).resolve().parents[3] / "bundles" / "adacs_registration" / "configs"
     overrides = {"dataset_dir": str(data), "bundle_root": str(tmp_path), "output_dir": str(tmp_path / "eval"),
-                 "image_size": [64, 64], "batch_size": 8, "epochs": 30, "warmup_epochs": 3, "learning_rate": 3e-3,
+                 "spatial_size": [64, 64], "batch_size": 8, "epochs": 30, "warmup_epochs": 3, "learning_rate": 3e-3,
                  "val_interval": 10}
     monkeypatch.setenv("CARDIAC_DATA_DIR", str(tmp_path / "no_default_needed"))
     t0 = time.time()

@@ -18,7 +18,7 @@ CONFIGS = BUNDLE / "configs"
 
 # every LSSC part on (image embeddings, channel-wise multiplication, EAMs, correlations), at toy size
 TINY = {
-    "crop_size": 64,
+    "spatial_size": 64,
     "pixdim": [2.4, 2.4, 2.4],
     "embed_dim": 12,
     "num_heads": [1, 2, 4, 8],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -148,7 +150,7 @@ def test_bundle_volume_preprocessing(tmp_path, repo_root):
     write_mmwhs(tmp_path, n_ct=1, n_mr=0, seed=1, progress=False)
     parser = ConfigParser()
     parser.read_config(str(repo_root / "bundles/lssc_multimodal/configs/train.json"))
-    parser.update({"crop_size": 64, "pixdim": [2.4, 2.4, 2.4]})
+    parser.update({"spatial_size": 64, "pixdim": [2.4, 2.4, 2.4]})
     vt = Compose(parser.get_parsed_content("volume_transforms"))
     entry = unpaired_datalist(tmp_path, ["ct"], None)[0]
     out = vt(dict(entry))
@@ -166,3 +168,23 @@ def test_bundle_volume_preprocessing(tmp_path, repo_root):
     core = img[0][..., ~padded].numpy()
     assert abs(core.mean()) < 1e-3 and abs(core.std() - 1.0) < 1e-3
     assert (core >= core.max() - 1e-5).mean() >= 0.015
+
+
+def test_inputs_whose_predictions_would_share_a_name_are_refused(tmp_path):
+    """ct_x.nii.gz and ct_x.mha would both be saved as ct_x_seg.nii.gz: the second is recorded, not overwritten."""
+    from common.data.io import write_mhd, write_nifti
+    from common.engines.inference import modality_datalist
+    from common.engines.screening import BatchLedger
+
+    vol = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32)
+    write_nifti(tmp_path / "ct_x.nii.gz", vol)
+    write_mhd(tmp_path / "ct_x.mha", vol, (1.0, 1.0, 1.0))
+    write_nifti(tmp_path / "mr_y.nii.gz", vol)
+    ledger = BatchLedger(tmp_path / "out")
+    entries = modality_datalist(tmp_path, ledger=ledger)
+    assert [Path(e["image"]).name for e in entries] == ["ct_x.mha", "mr_y.nii.gz"]
+    (failure,) = ledger.failed
+    assert failure["input"].endswith("ct_x.nii.gz") and "would overwrite" in failure["reason"]
+    assert failure["stage"] == "datalist"
+    with pytest.raises(ValueError, match="would overwrite"):
+        modality_datalist(tmp_path)

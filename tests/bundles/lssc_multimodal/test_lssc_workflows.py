@@ -111,7 +111,7 @@ def test_unreadable_image_fails_naming_the_file(tmp_path, lssc_env, tiny_json, m
     ckpt = tmp_path / "model.pt"
     tiny = json.loads(tiny_json.read_text())
     net = lssc_network("full", ["ct", "mr"], for_inference=True, in_channels=3, num_classes=5,
-                       img_size=tiny["crop_size"], embed_dim=tiny["embed_dim"], num_heads=tiny["num_heads"],
+                       img_size=tiny["spatial_size"], embed_dim=tiny["embed_dim"], num_heads=tiny["num_heads"],
                        depths=tiny["depths"], decoder_depths=tiny["decoder_depths"], window_size=tiny["window_size"])
     torch.save(InferenceWeights(net).state_dict(), ckpt)
     broken = tmp_path / "ct_broken_image.nii.gz"
@@ -143,7 +143,7 @@ def test_batch_inference_records_bad_inputs_and_goes_on(tmp_path, lssc_env, tiny
     monkeypatch.setenv("CARDIAC_DATA_DIR", lssc_env["CARDIAC_DATA_DIR"])
     tiny = json.loads(tiny_json.read_text())
     net = lssc_network("full", ["ct", "mr"], for_inference=True, in_channels=3, num_classes=5,
-                       img_size=tiny["crop_size"], embed_dim=tiny["embed_dim"], num_heads=tiny["num_heads"],
+                       img_size=tiny["spatial_size"], embed_dim=tiny["embed_dim"], num_heads=tiny["num_heads"],
                        depths=tiny["depths"], decoder_depths=tiny["decoder_depths"], window_size=tiny["window_size"])
     ckpt = tmp_path / "model.pt"
     torch.save(InferenceWeights(net).state_dict(), ckpt)
@@ -161,8 +161,8 @@ def test_batch_inference_records_bad_inputs_and_goes_on(tmp_path, lssc_env, tiny
               output_dir=str(out)).run()
     assert [p.name for p in (out / "predictions").iterdir()] == ["ct_good_seg.nii.gz"]
     record = json.loads((out / "failed_inputs.json").read_text())
-    assert record["n_inputs"] == 4 and record["n_failed"] == 3
-    errors = {Path(f["input"]).name: f["error"] for f in record["failed"]}
-    assert "cannot read image" in errors["ct_corrupt.nii.gz"]
+    assert record["n_failed"] == 3 and {f["stage"] for f in record["failed"]} == {"screening"}
+    errors = {Path(f["input"]).name: f["reason"] for f in record["failed"]}
+    assert "not a readable NIfTI file" in errors["ct_corrupt.nii.gz"]
     assert "image contains 1 NaN/Inf values" in errors["mr_nan.nii.gz"]
     assert "expected a 3D image, got shape" in errors["mr_flat.nii.gz"]

@@ -16,7 +16,7 @@ BUNDLE = REPO / "bundles" / "specknet_tracking"
 CONFIGS = BUNDLE / "configs"
 
 # the whole network at a small input size, short clips without overlap: every code path, seconds per epoch
-TINY = {"image_size": "64", "clip_len": "12", "segment_overlap": "0.0", "batch_size": "2"}
+TINY = {"spatial_size": "64", "clip_len": "12", "segment_overlap": "0.0", "batch_size": "2"}
 TINY_TRAIN = {**TINY, "epochs": "1", "val_interval": "1"}
 
 

@@ -19,7 +19,7 @@ from common.data.synthetic.echo_layouts import write_tracking_h5
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-LEARNING = {"image_size": 128, "clip_len": 8, "batch_size": 2, "epochs": 6, "val_interval": 6, "augment": False,
+LEARNING = {"spatial_size": 128, "clip_len": 8, "batch_size": 2, "epochs": 6, "val_interval": 6, "augment": False,
             "val_fraction": 0.1, "test_fraction": 0.4}
 
 

@@ -14,7 +14,6 @@ import SimpleITK as sitk
 
 from common.data.camus import (
     CAMUS_TEST_PATIENTS,
-    LoadEchod,
     camus_datalist,
     camus_patient_split,
     load_echo_frame,
@@ -132,23 +131,6 @@ def test_camus_images_match_the_simulation(camus):
     assert entry["es"] == sim.es_frame
     # apex at the top: the image is dark above the sector apex row and lit near the top centre
     assert seq[0, :3].mean() < seq[0, 3:40, 100:140].mean()
-
-
-def test_load_echod_in_a_monai_pipeline(camus):
-    from monai.transforms import Compose, ScaleIntensityd
-
-    entry = camus_datalist(camus["mhd"], views=("2CH",))[0]
-    tf = Compose([LoadEchod(["image_ed", "label_ed", "sequence"]), ScaleIntensityd("image_ed")])
-    d = tf(entry)
-    H, W = SIZE
-    assert tuple(d["image_ed"].shape) == (1, H, W) and tuple(d["sequence"].shape) == (1, N_FRAMES, H, W)
-    assert float(d["image_ed"].max()) == pytest.approx(1.0)
-    assert set(np.unique(d["label_ed"].numpy())) <= {0, 1, 2, 3}
-    assert d["image_ed"].meta["spacing"] == pytest.approx(tuple(entry["spacing"]))
-    assert d["image_ed"].meta["filename_or_obj"] == entry["image_ed"]
-    np.testing.assert_allclose(d["image_ed"].pixdim[:2].numpy(), entry["spacing"], rtol=1e-6)
-    chan = LoadEchod("sequence", sequence_as_channels=True)(entry)["sequence"]
-    assert tuple(chan.shape) == (N_FRAMES, H, W)
 
 
 def test_camus_splits(camus, tmp_path):

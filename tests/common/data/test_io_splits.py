@@ -21,8 +21,9 @@ def test_mhd_roundtrip_keeps_array_and_spacing(tmp_path):
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     p = write_mhd(tmp_path / "a.mhd", arr, spacing=(1.0, 0.5, 0.25))
     img = read_image(p)
-    np.testing.assert_array_equal(img.array, arr)
-    assert img.spacing == pytest.approx((1.0, 0.5, 0.25))
+    # index order (x, y, z) for every format: the transpose of SimpleITK's (z, y, x) array
+    np.testing.assert_array_equal(img.array, arr.T)
+    assert img.spacing == pytest.approx((0.25, 0.5, 1.0))
 
 
 def test_errors_name_the_file(tmp_path):

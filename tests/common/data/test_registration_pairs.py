@@ -141,3 +141,19 @@ def test_clear_errors(pairs_root, tmp_path):
 
 def test_plot(pairs_root, tmp_path):
     assert plot_registration_pairs(pairs_root, tmp_path / "pairs.png", n=2).stat().st_size > 10_000
+
+
+def test_pair_datalist_split_knobs(pairs_root):
+    """The bundles' split knobs: ``split="all"`` is every pair, no split; ``val_fraction``/``test_fraction`` replace
+    the layout's default 60:20:20 (8 pairs: 6/1/1 by default, 2/4/2 with 0.5/0.25)."""
+    from common.data.pairs import pair_datalist
+
+    names = {s: [e["name"] for e in pair_datalist(pairs_root, s)] for s in ("train", "val", "test", "all")}
+    assert [len(names[s]) for s in ("train", "val", "test")] == [6, 1, 1]
+    assert sorted(names["train"] + names["val"] + names["test"]) == sorted(names["all"]) and len(names["all"]) == 8
+    sizes = [len(pair_datalist(pairs_root, s, val_fraction=0.5, test_fraction=0.25)) for s in ("train", "val", "test")]
+    assert sizes == [2, 4, 2]
+    with pytest.raises(ValueError, match="split must be one of"):
+        pair_datalist(pairs_root, "validation")
+    with pytest.raises(ValueError, match="invalid split fractions"):
+        pair_datalist(pairs_root, "train", val_fraction=0.7, test_fraction=0.5)

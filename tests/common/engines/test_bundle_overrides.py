@@ -17,7 +17,8 @@ MAIN = os.path.join("x", "site-packages", "monai", "bundle", "__main__.py")
 @pytest.fixture
 def config(tmp_path):
     path = tmp_path / "train.json"
-    path.write_text(json.dumps({"epochs": 2, "train": {"trainer": {"max_epochs": "@epochs"}}, "device": "cpu"}))
+    trainer = {"_target_": "SupervisedTrainer", "max_epochs": "@epochs"}
+    path.write_text(json.dumps({"epochs": 2, "train": {"trainer": trainer}, "device": "cpu"}))
     return str(path)
 
 
@@ -35,8 +36,48 @@ def test_known_and_nested_keys_pass(config):
 def test_unknown_key_fails_with_suggestion(config):
     with pytest.raises(ValueError, match=r"--epohcs \(did you mean --epochs\?\)"):
         check_overrides([MAIN, "run", "--config_file", config, "--epohcs", "3"])
-    with pytest.raises(ValueError, match="train#trainer#max_epoch"):
+    with pytest.raises(ValueError, match=r"--train#trainer#max_epoch \(did you mean train#trainer#max_epochs\?"):
         check_overrides([MAIN, "run", "--config_file", config, "--train#trainer#max_epoch", "3"])
+
+
+@pytest.fixture
+def component_config(tmp_path):
+    """A config whose parts are a component with named arguments, one taking **kwargs, a plain dict, a list and an
+    expression: the shapes of the bundles' ``network_def``/``scoring_def``/``train#handlers``."""
+    path = tmp_path / "nested.json"
+    path.write_text(json.dumps({
+        "net": {"_target_": "monai.networks.nets.BasicUNet", "spatial_dims": 2},
+        "built": {"_target_": "common.networks.factory.build_segmentation_network", "name": "botm"},
+        "opts": {"depth": 2},
+        "handlers": [{"_target_": "StatsHandler"}],
+        "expr": "$dict(a=1)",
+        "alias": "@net",
+    }))
+    return str(path)
+
+
+def test_new_nested_key_accepted_when_the_target_takes_it(component_config):
+    run = [MAIN, "run", "--config_file", component_config]
+    # BasicUNet has a `features` argument that the config does not set; MONAI merges it and the target accepts it
+    assert check_overrides(run + ["--net#features", "[4,4,8,16,32,4]", "--net#_disabled_", "True"])
+    # the target takes **kwargs (botm's network factory): any new argument is the target's to check
+    assert check_overrides(run + ["--built#use_ot", "False", "--built#sinkhorn_iters", "3"])
+    # a plain dict takes any new key, a list an existing index
+    assert check_overrides(run + ["--opts#width", "3", "--handlers#0#tag_name", "x"])
+
+
+def test_nested_key_rejected_when_monai_cannot_merge_or_the_target_refuses(component_config):
+    run = [MAIN, "run", "--config_file", component_config]
+    with pytest.raises(ValueError, match=r"--net#featurs \(did you mean net#features\?.*BasicUNet"):
+        check_overrides(run + ["--net#featurs", "[4]"])
+    with pytest.raises(ValueError, match=r"--nett#features \(no config file defines 'nett'; did you mean net\?"):
+        check_overrides(run + ["--nett#features", "[4]"])
+    with pytest.raises(ValueError, match=r"--expr#a \('expr' is an expression .*override the whole --expr"):
+        check_overrides(run + ["--expr#a", "2"])
+    with pytest.raises(ValueError, match=r"--alias#features \('alias' is a reference to @net: override --net#feat"):
+        check_overrides(run + ["--alias#features", "[4]"])
+    with pytest.raises(ValueError, match=r"--handlers#3#tag_name \(its parent id 'handlers#3' does not exist"):
+        check_overrides(run + ["--handlers#3#tag_name", "x"])
 
 
 def test_inactive_outside_monai_bundle_cli(config):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from monai.data import DataLoader
 
+from common.engines.checkpoint import ResumeFromCheckpoint
 from common.engines.registration import (
     METHODS,
     PRESETS,
@@ -18,7 +19,6 @@ from common.engines.registration import (
     AdaCSTrainer,
     RegistrationMetric,
     RegistrationMetricsd,
-    ResumeFromCheckpoint,
     adacs_preset,
     build_auxiliary_net,
     score_pair,

@@ -143,11 +143,12 @@ def test_pred_loss_is_the_masked_l1_on_packed_tensors():
     label = torch.rand(2, 4, 3, 3, generator=g)
     label[..., 2] = (label[..., 2] > 0.5).float()
     expect = (((pred[..., :2] - label[..., :2]).abs().mean(-1)) * label[..., 2]).sum() / label[..., 2].sum()
-    torch.testing.assert_close(TrackingPredLoss()(pred, label), expect)
-    torch.testing.assert_close(TrackingPredLoss()(pred, label),
+    channel_first = pred.permute(0, 3, 1, 2)  # the bundle adapter's pred layout (B, 3, T, N)
+    torch.testing.assert_close(TrackingPredLoss()(channel_first, label), expect)
+    torch.testing.assert_close(TrackingPredLoss()(channel_first, label),
                                tracking_l1_loss(pred[..., :2], label[..., :2], label[..., 2]))
-    with pytest.raises(ValueError, match=r"\(B, T, N, 3\)"):
-        TrackingPredLoss()(pred[..., :2], label[..., :2])
+    with pytest.raises(ValueError, match=r"\(B, 3, T, N\)"):
+        TrackingPredLoss()(pred, label)  # channels-last is refused, not silently mis-read
 
 
 def test_gradient_clipping_runs_between_backward_and_step():

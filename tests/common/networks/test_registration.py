@@ -18,6 +18,7 @@ from common.networks.registration import (
     StackedPairAdapter,
     VoxelMorphEstimator,
     build_displacement_estimator,
+    pull_warp,
     voxelmorph_unet_channels,
 )
 from common.networks.scoring import ScoringNet, VarianceNet, VoxelMorphStyleUNet
@@ -339,3 +340,52 @@ def test_transmorph_default_size_is_documented():
     assert tm.size_divisor == 32
     n = sum(p.numel() for p in tm.parameters())
     assert math.isclose(n / 1e6, 31.0, abs_tol=0.5)
+
+
+@pytest.mark.parametrize("spatial_dims, mode, padding", [(2, "bilinear", "zeros"), (3, "bilinear", "zeros"),
+                                                         (2, "nearest", "border")])
+def test_pull_warp_equals_monai_warp(spatial_dims, mode, padding):
+    """The TorchScript-compatible warp of the scripted export is MONAI's Warp (PyTorch path), value for value."""
+    g = torch.Generator().manual_seed(3)
+    size = (9, 12) if spatial_dims == 2 else (5, 7, 6)
+    image = torch.rand(2, 3, *size, generator=g)
+    ddf = 3 * torch.randn(2, spatial_dims, *size, generator=g)  # large enough to leave the image in places
+    torch.testing.assert_close(pull_warp(image, ddf, mode, padding), Warp(mode, padding)(image, ddf),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, spatial_dims, size", [
+    ({}, 2, (64, 48)),
+    ({"half_res": True}, 2, (32, 32)),
+    ({"integration_steps": 0}, 2, (32, 32)),
+    ({"enc_channels": (4, 4), "dec_channels": (4, 4, 4)}, 3, (8, 12, 16)),
+])
+def test_voxelmorph_adapter_scripts_and_equals_eager(kwargs, spatial_dims, size):
+    """`ckpt_export` without --use_trace calls torch.jit.script: the VoxelMorph bundle network compiles (through the
+    adapter's __prepare_scriptable__), shares the eager weights and computes the same displacement."""
+    est = build_displacement_estimator("voxelmorph", spatial_dims=spatial_dims, **kwargs)
+    with torch.no_grad():
+        for p in est.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    adapter = StackedPairAdapter(est).eval()
+    scripted = torch.jit.script(adapter)
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x = torch.rand(2, 2, *size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        eager = adapter(x)
+        assert eager.abs().max() > 1e-2  # a displacement worth comparing
+        torch.testing.assert_close(loaded(x), eager, rtol=1e-5, atol=1e-6)
+        # scripting left the eager network intact
+        torch.testing.assert_close(adapter(x), eager, rtol=0, atol=0)
+    with pytest.raises(Exception, match="divisible by"):
+        loaded(torch.rand(1, 2, *[s + 1 for s in size]))
+
+
+def test_transmorph_adapter_refuses_scripting_with_the_documented_alternative():
+    adapter = StackedPairAdapter(_build("transmorph")).eval()
+    with pytest.raises(RuntimeError, match=r"cannot be compiled with torch.jit.script.*--use_trace True"):
+        torch.jit.script(adapter)

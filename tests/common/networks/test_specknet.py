@@ -19,6 +19,7 @@ from common.networks.specknet import (
     SpeckNet,
     SpeckNetBundleAdapter,
     _sample_on_query_frames,
+    centred_grid,
     split_pred,
 )
 from common.ops.cost_volume import sample_query_features_multiframe
@@ -112,9 +113,30 @@ def test_bundle_adapter_channel_first_pred():
     with torch.no_grad():
         out = net(video, pts, frames)
         pred = adapter(video[:, None], pts, frames)  # MONAI channel-first (B, C, T, H, W)
-    assert pred.shape == (1, 4, 3, 3)
+    assert pred.shape == (1, 3, 4, 3)  # channel-first (B, 3, T, N): axis 1 is what verify_net_in_out checks
     tracks, conf = split_pred(pred)
     assert torch.equal(tracks, out["tracks"]) and torch.equal(conf, out["confidence"])
+
+
+def test_bundle_adapter_tracks_a_centred_grid_without_query_points():
+    """The model zoo calls a bundle network with the image alone: the adapter then tracks the centred default grid
+    from frame 0, exactly as if those points had been passed."""
+    torch.manual_seed(0)
+    adapter = SpeckNetBundleAdapter(channels=(8, 16, 16, 16), default_grid=3, backend="torch").eval()
+    image = rand_video(2, 3, 64, 48)[:, None]
+    grid = centred_grid(64, 48, 3)
+    assert grid.shape == (9, 2)
+    # cell centres of a 3 x 3 tiling, pixel centres at integers: symmetric about the image centre ((W-1)/2, (H-1)/2)
+    torch.testing.assert_close(grid[:3, 0], torch.tensor([7.5, 23.5, 39.5]))
+    torch.testing.assert_close(grid[::3, 1], torch.tensor([64 / 6 - 0.5, 31.5, 5 * 64 / 6 - 0.5]))
+    torch.testing.assert_close(grid.mean(0), torch.tensor([23.5, 31.5]))
+    with torch.no_grad():
+        default = adapter(image)
+        explicit = adapter(image, grid[None].expand(2, -1, -1), torch.zeros(2, 9, dtype=torch.long))
+    assert default.shape == (2, 3, 3, 9)
+    assert torch.equal(default, explicit)
+    with pytest.raises(ValueError, match="query_frames given without query_points"):
+        adapter(image, None, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
