@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 EXTRAS=${EXTRAS:-dicom,test}
-# Debian packages the test suite and demo need (Orthanc for the PACS tests is added by the PACS work).
-SYSTEM_PACKAGES=${SYSTEM_PACKAGES:-}
+# Debian packages the test suite and demo need: Orthanc + its DICOMweb plugin and DCMTK for the PACS tests
+# (tests/tools/pacs start their own Orthanc on free loopback ports; the Debian service is not used).
+SYSTEM_PACKAGES=${SYSTEM_PACKAGES:-orthanc orthanc-dicomweb dcmtk}
 
 pick_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError, read_image
 from common.data.splits import patient_split
 
@@ -147,29 +148,41 @@ def load_acdc_patient(patient_dir: str | Path, load_arrays: bool = False) -> dic
     return e
 
 
+def _select_dirs(dirs: Sequence[Path], split: str | None, fractions: Sequence[float], seed: int) -> list[Path]:
+    """The patient folders of one subset, split by folder name (as :func:`select_split` splits the entries, whose
+    ``patient`` is the folder name), before any file of a patient is read."""
+    keep = {e["patient"] for e in select_split([{"patient": d.name} for d in dirs], split, fractions, seed)}
+    return [d for d in dirs if d.name in keep]
+
+
 def acdc_datalist(root: str | Path, split: str | None = None, fractions: Sequence[float] = (0.7, 0.1, 0.2),
-                  seed: int = 0, verify: bool = False) -> list[dict]:
+                  seed: int = 0, verify: bool = False, ledger: FailureRecorder | None = None) -> list[dict]:
     """MONAI datalist of ED/ES pairs: one dict per patient (see :func:`load_acdc_patient` for the keys).
 
     With the official ``training/``/``testing/`` folders, ``split="test"`` is the official test set and train/val
     split the training patients by ``fractions[:2]``; otherwise ``fractions`` (train, val, test) split all patients
     at patient level with ``seed``. ``verify`` reads every image fully (catches truncated files up front).
+    With ``ledger`` (evaluation) a patient of the subset whose files cannot be read is recorded there (stage
+    ``datalist``, input the patient folder) and left out instead of raising (:func:`common.data.cases.build_cases`).
     """
     found = find_acdc_patients(root)
     if "all" in found:
-        entries = [load_acdc_patient(d) for d in found["all"]]
-        entries = select_split(entries, split, fractions, seed)
+        dirs = _select_dirs(found["all"], split, fractions, seed)
     elif split is None:
-        entries = [load_acdc_patient(d) for k in ("training", "testing") for d in found.get(k, [])]
+        dirs = [d for k in ("training", "testing") for d in found.get(k, [])]
     elif split == "test":
-        entries = [load_acdc_patient(d) for d in found.get("testing", [])]
+        dirs = list(found.get("testing", []))
     else:
-        entries = [load_acdc_patient(d) for d in found.get("training", [])]
-        entries = select_split(entries, split, list(fractions[:2]) if len(fractions) > 2 else fractions, seed)
-    if verify:
-        for e in entries:
+        dirs = _select_dirs(found.get("training", []), split,
+                            list(fractions[:2]) if len(fractions) > 2 else fractions, seed)
+
+    def build(d: Path) -> dict:
+        e = load_acdc_patient(d)
+        if verify:
             for k in ("image_ed", "label_ed", "image_es", "label_es", "disp"):
                 if k in e:
                     read_image(e[k])
-    return entries
+        return e
+
+    return build_cases(dirs, build, str, ledger, root)
 

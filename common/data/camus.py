@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError, read_image
 from common.data.loading import header_shape, image_format, image_geometry, to_frames
 from common.data.splits import patient_split
@@ -337,7 +338,8 @@ def _view_entry(pdir: Path, pid: str, view: str, sequences: bool, require_labels
 
 def camus_datalist(root: str | Path, views: Sequence[str] = ("2CH", "4CH"), split: str | None = None,
                    val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.1, sequences: bool = True,
-                   require_labels: bool = True, validate: bool = True) -> list[dict]:
+                   require_labels: bool = True, validate: bool = True, ledger: FailureRecorder | None = None
+                   ) -> list[dict]:
     """MONAI datalist of a CAMUS folder (either release): one dict per patient and view.
 
     Keys: ``image_ed``, ``label_ed``, ``image_es``, ``label_es`` (paths), ``sequence``/``sequence_label`` (ED -> ES
@@ -346,7 +348,9 @@ def camus_datalist(root: str | Path, views: Sequence[str] = ("2CH", "4CH"), spli
     ``quality``, ``ef``, ``fps`` (None when the cfg lacks them) and ``split``.
     ``split``: None for every patient, else ``"train"``, ``"val"`` or ``"test"`` (see :func:`camus_patient_split`).
     ``validate`` checks every header (and MetaImage data sizes) and that ED/ES images and labels have equal shapes.
-    Raises ``FileNotFoundError``/``DataError`` naming the first missing or corrupt file.
+    Raises ``FileNotFoundError``/``DataError`` naming the first missing or corrupt file; with ``ledger``
+    (evaluation) a patient view whose files cannot be read is recorded there instead (stage ``datalist``, input
+    ``<patient folder>/<patient>_<view>``) and left out (:func:`common.data.cases.build_cases`).
     """
     if split not in (None, "train", "val", "test"):
         raise ValueError(f"split must be None, 'train', 'val' or 'test', got {split!r}")
@@ -356,15 +360,16 @@ def camus_datalist(root: str | Path, views: Sequence[str] = ("2CH", "4CH"), spli
     pats = find_camus_patients(root)
     subsets = camus_patient_split(root, val_fraction, test_fraction, seed)
     subset_of = {k: s for s, ks in subsets.items() for k in ks}
-    out = []
-    for key, pdir, _ in pats:
-        subset = subset_of.get(key)
-        if split is not None and subset != split:
-            continue
-        for view in views:
-            entry = _view_entry(pdir, pdir.name, view, sequences, require_labels, validate)
-            entry["patient"], entry["split"] = key, subset
-            out.append(entry)
+    cases = [(key, pdir, view) for key, pdir, _ in pats if split is None or subset_of.get(key) == split
+             for view in views]
+
+    def build(case: tuple[str, Path, str]) -> dict:
+        key, pdir, view = case
+        entry = _view_entry(pdir, pdir.name, view, sequences, require_labels, validate)
+        entry["patient"], entry["split"] = key, subset_of.get(key)
+        return entry
+
+    out = build_cases(cases, build, lambda c: c[1] / f"{c[1].name}_{c[2]}", ledger, root)
     if not out:
         raise DataError(f"{root}: no CAMUS patients in split {split!r}")
     return out

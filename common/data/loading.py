@@ -78,6 +78,7 @@ __all__ = [
     "dicom_files",
     "is_dicom_series_dir",
     "read_dicom_dataset",
+    "save_dicom",
     "check_dicom_pixel_data",
     "dicom_modality",
     "dicom_inplane_spacing",
@@ -412,6 +413,20 @@ def to_grayscale(frames: np.ndarray, photometric: str = "RGB") -> np.ndarray:
     if photometric.upper().startswith("YBR"):
         return arr[..., 0].astype(np.float32)  # Y is the luma plane already
     return (arr.astype(np.float32) @ _LUMA).astype(np.float32)
+
+
+def save_dicom(ds: Any, path: str | Path, file_format: bool = True) -> None:
+    """Write ``ds`` to ``path`` with pydicom 3 or 2 (the MONAI Label environment pins ``pydicom<3``).
+
+    ``file_format=True`` writes a conformant DICOM file (preamble, file meta); ``False`` writes the dataset as it is.
+    pydicom 3 calls this ``enforce_file_format``; pydicom 2 said the opposite, ``write_like_original``.
+    """
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(str(path), enforce_file_format=file_format)
+    else:
+        ds.save_as(str(path), write_like_original=not file_format)
 
 
 def read_dicom_dataset(p: Path, header_only: bool) -> Any:

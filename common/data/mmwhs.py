@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.acdc import nifti_header, select_split
+from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError, read_image
 
 __all__ = [
@@ -71,8 +72,9 @@ def remap_mmwhs_labels(array: np.ndarray, structures: Sequence[str] = LSSC_STRUC
 _NAME = re.compile(r"^(?P<mod>ct|mr)_train_(?P<id>\d+)_image\.nii(\.gz)?$")
 
 
-def find_mmwhs_cases(root: str | Path, modality: str = "ct") -> list[tuple[str, Path, Path]]:
-    """``(case_name, image, label)`` of every training case of ``modality`` under ``root``, sorted by id."""
+def _case_files(root: str | Path, modality: str) -> list[tuple[str, Path, Path]]:
+    """``(case_name, image, label path)`` of every image of ``modality`` under ``root``, sorted by id; the label
+    is named, not checked."""
     if modality not in MMWHS_MODALITIES:
         raise ValueError(f"modality must be one of {MMWHS_MODALITIES}, got {modality!r}")
     root = Path(root)
@@ -90,31 +92,48 @@ def find_mmwhs_cases(root: str | Path, modality: str = "ct") -> list[tuple[str, 
     out = []
     for name in sorted(seen, key=lambda n: int(n.rsplit("_", 1)[1])):
         img = seen[name]
-        lab = img.with_name(img.name.replace("_image.nii", "_label.nii"))
-        if not lab.is_file():
-            raise FileNotFoundError(f"{lab}: label file not found for {img.name}")
-        out.append((name, img, lab))
+        out.append((name, img, img.with_name(img.name.replace("_image.nii", "_label.nii"))))
     return out
 
 
+def _check_label(img: Path, lab: Path) -> None:
+    if not lab.is_file():
+        raise FileNotFoundError(f"{lab}: label file not found for {img.name}")
+
+
+def find_mmwhs_cases(root: str | Path, modality: str = "ct") -> list[tuple[str, Path, Path]]:
+    """``(case_name, image, label)`` of every training case of ``modality`` under ``root``, sorted by id."""
+    cases = _case_files(root, modality)
+    for _, img, lab in cases:
+        _check_label(img, lab)
+    return cases
+
+
 def mmwhs_datalist(root: str | Path, modality: str = "ct", split: str | None = None,
-                   fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0, verify: bool = False) -> list[dict]:
+                   fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0, verify: bool = False,
+                   ledger: FailureRecorder | None = None) -> list[dict]:
     """MONAI datalist ``[{image, label, patient, modality, spacing}]`` of one modality, split 70/10/20 by default.
 
     Labels keep the MM-WHS codes on disk; remap them with :func:`remap_mmwhs_labels` or ``MapLabelValued`` fed by
     :func:`mmwhs_label_mapping`. Header shapes of image and label must agree (``DataError`` naming both otherwise).
+    The split is by case name, before any file is read. With ``ledger`` (evaluation) a case of the subset whose
+    image or label cannot be read is recorded there (stage ``datalist``, input the image) and left out instead of
+    raising (:func:`common.data.cases.build_cases`).
     """
-    entries = []
-    for name, img, lab in find_mmwhs_cases(root, modality):
+    cases = _case_files(root, modality)
+    keep = {e["patient"] for e in select_split([{"patient": n} for n, _, _ in cases], split, fractions, seed)}
+
+    def build(case: tuple[str, Path, Path]) -> dict:
+        name, img, lab = case
+        _check_label(img, lab)
         shape, spacing = nifti_header(img)
         lshape, _ = nifti_header(lab)
         if lshape[:3] != shape[:3]:
             raise DataError(f"{lab}: label shape {lshape} does not match image {img.name} shape {shape}")
-        entries.append({"image": str(img), "label": str(lab), "patient": name, "modality": modality,
-                        "spacing": [float(s) for s in spacing[:3]]})
-    entries = select_split(entries, split, fractions, seed)
-    if verify:
-        for e in entries:
-            read_image(e["image"])
-            read_image(e["label"])
-    return entries
+        if verify:
+            read_image(img)
+            read_image(lab)
+        return {"image": str(img), "label": str(lab), "patient": name, "modality": modality,
+                "spacing": [float(s) for s in spacing[:3]]}
+
+    return build_cases([c for c in cases if c[0] in keep], build, lambda c: c[1], ledger, root)

@@ -44,6 +44,7 @@ from monai.transforms import Transform
 
 from common.data.acdc import acdc_datalist, find_acdc_patients
 from common.data.camus import camus_datalist, find_camus_patients, load_echo_frame
+from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError, check_finite, read_image
 from common.data.registration import registration_pairs_datalist
 from common.data.splits import resolve_split
@@ -120,14 +121,15 @@ def _fractions(default: Sequence[float], val_fraction: float | None, test_fracti
 
 
 def _acdc_entries(root: Path, split: str | None, seed: int, slices: str, val_fraction: float | None = None,
-                  test_fraction: float | None = None) -> list[dict]:
+                  test_fraction: float | None = None, ledger: FailureRecorder | None = None) -> list[dict]:
     found = find_acdc_patients(root)
     if "all" in found:
         fractions = _fractions(ACDC_FLAT_FRACTIONS, val_fraction, test_fraction)
     else:  # official folders: testing/ is the test set, the fractions split training/ into train/val
         fractions = _fractions((*ACDC_OFFICIAL_FRACTIONS, 0), val_fraction, None if val_fraction is None else 0.0)[:2]
-    out = []
-    for p in acdc_datalist(root, split=split, fractions=fractions, seed=seed):
+
+    def slice_pairs(p: dict) -> list[dict]:
+        # the labels are read here to find the slices with myocardium: an unreadable label is this patient's failure
         lab_ed = read_image(p["label_ed"]).array
         lab_es = read_image(p["label_es"]).array
         if lab_ed.ndim == 2:
@@ -136,18 +138,21 @@ def _acdc_entries(root: Path, split: str | None, seed: int, slices: str, val_fra
         valid = [z for z in range(lab_ed.shape[2]) if (lab_ed[..., z] == myo).any() and (lab_es[..., z] == myo).any()]
         if slices == "mid" and valid:
             valid = [valid[len(valid) // 2]]
-        for z in valid:
-            out.append({"name": f"{p['patient']}_slice{z:02d}", "layout": "acdc", "patient": p["patient"],
-                        "source": p["image_ed"], "target": p["image_es"], "source_label": p["label_ed"],
-                        "target_label": p["label_es"], "slice": z})
-    return out
+        return [{"name": f"{p['patient']}_slice{z:02d}", "layout": "acdc", "patient": p["patient"],
+                 "source": p["image_ed"], "target": p["image_es"], "source_label": p["label_ed"],
+                 "target_label": p["label_es"], "slice": z} for z in valid]
+
+    patients = acdc_datalist(root, split=split, fractions=fractions, seed=seed, ledger=ledger)
+    per_patient = build_cases(patients, slice_pairs, lambda p: Path(p["image_ed"]).parent, ledger, root)
+    return [e for entries in per_patient for e in entries]
 
 
 def _camus_entries(root: Path, split: str | None, seed: int, val_fraction: float | None = None,
-                   test_fraction: float | None = None) -> list[dict]:
+                   test_fraction: float | None = None, ledger: FailureRecorder | None = None) -> list[dict]:
     _, val, test = _fractions((1 - sum(CAMUS_VAL_TEST), *CAMUS_VAL_TEST), val_fraction, test_fraction)
     out = []
-    for e in camus_datalist(root, split=split, val_fraction=val, test_fraction=test, seed=seed, sequences=False):
+    for e in camus_datalist(root, split=split, val_fraction=val, test_fraction=test, seed=seed, sequences=False,
+                            ledger=ledger):
         out.append({"name": f"{e['patient'].replace('/', '_')}_{e['view']}", "layout": "camus",
                     "patient": e["patient"], "source": e["image_ed"], "target": e["image_es"],
                     "source_label": e["label_ed"], "target_label": e["label_es"], "slice": -1})
@@ -155,16 +160,17 @@ def _camus_entries(root: Path, split: str | None, seed: int, val_fraction: float
 
 
 def _pairs_entries(root: Path, split: str | None, seed: int, val_fraction: float | None = None,
-                   test_fraction: float | None = None) -> list[dict]:
+                   test_fraction: float | None = None, ledger: FailureRecorder | None = None) -> list[dict]:
     return [{"name": e["pair"], "layout": "pairs", "patient": e["pair"], "source": e["source"], "target": e["target"],
              "source_label": e["source_myo"], "target_label": e["target_myo"], "lost": e["lost"], "slice": -1}
             for e in registration_pairs_datalist(root, split=split, seed=seed,
-                                                 fractions=_fractions(PAIRS_FRACTIONS, val_fraction, test_fraction))]
+                                                 fractions=_fractions(PAIRS_FRACTIONS, val_fraction, test_fraction),
+                                                 ledger=ledger)]
 
 
 def pair_datalist(root: str | Path, split: str | None = None, layout: str = "auto", seed: int = 0,
                   slices: str = "all", val_fraction: float | None = None,
-                  test_fraction: float | None = None) -> list[dict]:
+                  test_fraction: float | None = None, ledger: FailureRecorder | None = None) -> list[dict]:
     """MONAI datalist of ED -> ES pairs of a dataset folder (see the module docstring for layouts and splits).
 
     Args:
@@ -176,6 +182,9 @@ def pair_datalist(root: str | Path, split: str | None = None, layout: str = "aut
         val_fraction, test_fraction: patient fractions of the validation and test subsets; None keeps the layout's
             default (module docstring). Official ACDC folders keep ``testing/`` as the test set (``test_fraction``
             is not used) and split ``training/`` by ``val_fraction``.
+        ledger: evaluation's :class:`common.engines.screening.BatchLedger`: a patient (or pair) of the subset whose
+            files cannot be read is recorded there (stage ``datalist``) and left out; without it (training) the first
+            such case stops with an error naming the file (:func:`common.data.cases.build_cases`).
 
     Returns:
         ``[{name, layout, patient, source, target, source_label, target_label, slice[, lost]}]``; ``slice`` is the
@@ -189,11 +198,11 @@ def pair_datalist(root: str | Path, split: str | None = None, layout: str = "aut
     if slices not in ("all", "mid"):
         raise ValueError(f"slices must be 'all' or 'mid', got {slices!r}")
     if layout == "acdc":
-        out = _acdc_entries(root, split, seed, slices, val_fraction, test_fraction)
+        out = _acdc_entries(root, split, seed, slices, val_fraction, test_fraction, ledger)
     elif layout == "camus":
-        out = _camus_entries(root, split, seed, val_fraction, test_fraction)
+        out = _camus_entries(root, split, seed, val_fraction, test_fraction, ledger)
     else:
-        out = _pairs_entries(root, split, seed, val_fraction, test_fraction)
+        out = _pairs_entries(root, split, seed, val_fraction, test_fraction, ledger)
     if not out:
         raise DataError(f"{root}: no {layout} pairs with myocardium in split {split!r}")
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.acdc import nifti_header, select_split
+from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError, read_image
 
 __all__ = ["PAIR_KEYS", "read_displacement", "find_registration_pairs", "registration_pairs_datalist"]
@@ -30,8 +31,9 @@ def read_displacement(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(arr.astype(np.float32), -1, 0))
 
 
-def find_registration_pairs(root: str | Path) -> list[tuple[str, dict[str, Path]]]:
-    """``(name, {key: path})`` of every complete pair under ``root/pairs`` (or ``root`` itself), sorted by name."""
+def _pair_files(root: str | Path) -> list[tuple[str, dict[str, Path]]]:
+    """``(name, {key: path})`` of every pair with a source image under ``root/pairs`` (or ``root``), sorted by name;
+    the other files are named, not checked."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: registration-pair folder not found")
@@ -42,35 +44,50 @@ def find_registration_pairs(root: str | Path) -> list[tuple[str, dict[str, Path]
         if not m:
             continue
         ext = p.name[len(m["name"]) + len("_source"):]
-        files = {k: folder / f"{m['name']}_{k}{ext}" for k in PAIR_KEYS}
-        for k, f in files.items():
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: file not found ({k} of {m['name']})")
-        out.append((m["name"], files))
+        out.append((m["name"], {k: folder / f"{m['name']}_{k}{ext}" for k in PAIR_KEYS}))
     if not out:
         raise DataError(f"{folder}: no registration pairs (pairNNNN_source.nii.gz)")
     return out
 
 
+def _check_complete(name: str, files: dict[str, Path]) -> None:
+    for k, f in files.items():
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: file not found ({k} of {name})")
+
+
+def find_registration_pairs(root: str | Path) -> list[tuple[str, dict[str, Path]]]:
+    """``(name, {key: path})`` of every complete pair under ``root/pairs`` (or ``root`` itself), sorted by name."""
+    pairs = _pair_files(root)
+    for name, files in pairs:
+        _check_complete(name, files)
+    return pairs
+
+
 def registration_pairs_datalist(root: str | Path, split: str | None = None,
                                 fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0,
-                                verify: bool = False) -> list[dict]:
+                                verify: bool = False, ledger: FailureRecorder | None = None) -> list[dict]:
     """MONAI datalist ``[{source, target, source_myo, target_myo, disp, lost, pair, spacing}]`` split by pair.
 
-    Every pair is its own patient, so the split is at pair level. Header shapes must agree across a pair's files.
+    Every pair is its own patient, so the split is at pair level (by name, before any file is read). Header shapes
+    must agree across a pair's files. With ``ledger`` (evaluation) a pair of the subset with a missing or unreadable
+    file is recorded there (stage ``datalist``, input its source image) and left out instead of raising
+    (:func:`common.data.cases.build_cases`).
     """
-    entries = []
-    for name, files in find_registration_pairs(root):
+    pairs = _pair_files(root)
+    keep = {e["pair"] for e in select_split([{"pair": n} for n, _ in pairs], split, fractions, seed, key="pair")}
+
+    def build(pair: tuple[str, dict[str, Path]]) -> dict:
+        name, files = pair
+        _check_complete(name, files)
         shape, spacing = nifti_header(files["source"])
         for k in PAIR_KEYS[1:]:
             s, _ = nifti_header(files[k])
             if s[:2] != shape[:2]:
                 raise DataError(f"{files[k]}: shape {s} does not match {files['source'].name} shape {shape}")
-        entries.append({**{k: str(v) for k, v in files.items()}, "pair": name,
-                        "spacing": [float(v) for v in spacing[:2]]})
-    entries = select_split(entries, split, fractions, seed, key="pair")
-    if verify:
-        for e in entries:
+        if verify:
             for k in PAIR_KEYS:
-                read_displacement(e[k]) if k == "disp" else read_image(e[k])
-    return entries
+                read_displacement(files[k]) if k == "disp" else read_image(files[k])
+        return {**{k: str(v) for k, v in files.items()}, "pair": name, "spacing": [float(v) for v in spacing[:2]]}
+
+    return build_cases([p for p in pairs if p[0] in keep], build, lambda p: p[1]["source"], ledger, root)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.data.cases import FailureRecorder
 from common.data.mmwhs import MMWHS_MODALITIES, mmwhs_datalist
 from common.data.splits import resolve_split
 from common.transforms.slices import consecutive_slices, foreground_slices, slice_axis_index
@@ -31,7 +32,8 @@ SLICE_SELECTIONS = ("foreground", "all")
 
 def unpaired_datalist(root: str | Path, modalities: Sequence[str] = MMWHS_MODALITIES, split: str | None = "train",
                       labelled: Mapping[str, int] | None = None, seed: int = 0,
-                      fractions: Sequence[float] = (0.7, 0.1, 0.2)) -> list[dict]:
+                      fractions: Sequence[float] = (0.7, 0.1, 0.2), ledger: FailureRecorder | None = None
+                      ) -> list[dict]:
     """Volume entries ``{image, label, patient, modality, spacing}`` of every modality, each modality split on its
     own (MM-WHS CT and MRI patients are different people, so the splits are independent).
 
@@ -44,6 +46,9 @@ def unpaired_datalist(root: str | Path, modalities: Sequence[str] = MMWHS_MODALI
             applies to ``split="train"``; the validation and test splits are never reduced.
         seed: seed of the patient split and of the few-shot draw.
         fractions: train/val/test fractions (70/10/20 as in the paper).
+        ledger: evaluation's :class:`common.engines.screening.BatchLedger`: a volume of the subset whose files
+            cannot be read is recorded there (stage ``datalist``) and left out; without it (training) the first such
+            volume stops with an error naming the file (:func:`common.data.cases.build_cases`).
 
     Raises:
         ValueError: unknown modality, a few-shot modality that is not listed, or ``k`` outside ``1..n_train``.
@@ -61,7 +66,7 @@ def unpaired_datalist(root: str | Path, modalities: Sequence[str] = MMWHS_MODALI
             raise ValueError(f"few-shot modality {m!r} is not among the training modalities {mods}")
     out = []
     for m in mods:
-        entries = mmwhs_datalist(root, m, split, fractions=fractions, seed=seed)
+        entries = mmwhs_datalist(root, m, split, fractions=fractions, seed=seed, ledger=ledger)
         if split == "train" and m in labelled:
             k = int(labelled[m])
             if not 1 <= k <= len(entries):

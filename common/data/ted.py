@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.data.camus import _PATIENT_RE, image_header, read_info_cfg
+from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError
 from common.data.splits import patient_split
 
@@ -46,13 +47,16 @@ def find_ted_patients(root: str | Path) -> list[Path]:
 
 
 def ted_datalist(root: str | Path, split: str | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                 seed: int = 0, require_labels: bool = True, validate: bool = True) -> list[dict]:
+                 seed: int = 0, require_labels: bool = True, validate: bool = True,
+                 ledger: FailureRecorder | None = None) -> list[dict]:
     """MONAI datalist of a TED folder: one dict per patient.
 
     Keys: ``image`` / ``label`` (sequence paths, (T, H, W) once loaded), ``patient``, ``view`` (``"4CH"``), ``ed``,
     ``es`` (0-based), ``n_frames``, ``spacing`` ([row, col] mm, when ``validate``), ``quality``, ``ef``, ``fps`` and
     ``split``. ``split``: None for all patients, else ``"train"``/``"val"``/``"test"`` of a seeded patient-level
-    split with the given fractions. Raises ``FileNotFoundError``/``DataError`` naming the first bad file.
+    split with the given fractions. Raises ``FileNotFoundError``/``DataError`` naming the first bad file; with
+    ``ledger`` (evaluation) a patient whose files cannot be read is recorded there instead (stage ``datalist``,
+    input the patient folder) and left out (:func:`common.data.cases.build_cases`).
     """
     if split not in (None, "train", "val", "test"):
         raise ValueError(f"split must be None, 'train', 'val' or 'test', got {split!r}")
@@ -62,11 +66,9 @@ def ted_datalist(root: str | Path, split: str | None = None, val_fraction: float
     subsets = patient_split([p.name for p in pdirs], (1.0 - val_fraction - test_fraction, val_fraction,
                                                       test_fraction), seed, names=("train", "val", "test"))
     subset_of = {k: s for s, ks in subsets.items() for k in ks}
-    out = []
-    for pdir in pdirs:
+
+    def build(pdir: Path) -> dict:
         pid = pdir.name
-        if split is not None and subset_of[pid] != split:
-            continue
         image = pdir / f"{pid}_4CH_sequence.mhd"
         label = pdir / f"{pid}_4CH_sequence_gt.mhd"
         cfg_path = pdir / f"{pid}_4CH_info.cfg"
@@ -99,7 +101,10 @@ def ted_datalist(root: str | Path, split: str | None = None, val_fraction: float
         entry.update({"ed": ed, "es": es, "n_frames": int(n_frames) if isinstance(n_frames, int) else None,
                       "quality": cfg.get("ImageQuality"), "ef": float(ef) if isinstance(ef, (int, float)) else None,
                       "fps": float(cfg["FrameRate"]) if isinstance(cfg.get("FrameRate"), (int, float)) else None})
-        out.append(entry)
+        return entry
+
+    cases = [p for p in pdirs if split is None or subset_of[p.name] == split]
+    out = build_cases(cases, build, str, ledger, root)
     if not out:
         raise DataError(f"{root}: no TED patients in split {split!r}")
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError
 from common.data.splits import patient_split, resolve_split
 
@@ -96,13 +97,18 @@ def read_tracking_h5(path: str | Path) -> dict:
 
 
 def tracking_datalist(root: str | Path, split: str | None = None, val_fraction: float = 0.1,
-                      test_fraction: float = 0.1, seed: int = 0, validate: bool = True) -> list[dict]:
+                      test_fraction: float = 0.1, seed: int = 0, validate: bool = True,
+                      ledger: FailureRecorder | None = None) -> list[dict]:
     """MONAI datalist of a folder of tracking files (``*.h5``/``*.hdf5``, searched recursively).
 
     Keys: ``video`` (path), ``id`` (file stem relative to ``root``), ``patient`` (attribute ``patient`` or the id;
     the seeded split is by patient), ``n_frames``, ``n_points``, ``fps``, ``spacing`` ([s, s] mm), ``view``,
     ``ed``, ``es``, ``gls_reference`` (None when absent) and ``split``. ``validate`` opens every file and checks its
     layout. Raises ``FileNotFoundError``/``DataError`` for a missing/empty folder or a bad file (named).
+
+    With ``ledger`` (evaluation) a file of the requested subset that cannot be opened or checked is recorded there
+    (stage ``datalist``, input the file) and left out instead (:func:`common.data.cases.build_cases`). Its patient
+    attribute cannot be read, so it takes part in the split under its id; files of other subsets are not recorded.
     """
     split = resolve_split(split)
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
@@ -115,8 +121,8 @@ def tracking_datalist(root: str | Path, split: str | None = None, val_fraction: 
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".h5", ".hdf5") and p.is_file())
     if not files:
         raise DataError(f"{root}: no .h5/.hdf5 tracking files found")
-    entries = []
-    for p in files:
+
+    def build(p: Path) -> dict:
         vid = str(p.relative_to(root).with_suffix(""))
         entry = {"video": str(p), "id": vid, "patient": vid}
         if validate:
@@ -129,15 +135,32 @@ def tracking_datalist(root: str | Path, split: str | None = None, val_fraction: 
                           "spacing": [float(a["pixel_spacing_mm"])] * 2, "view": str(a["view"]),
                           "ed": int(a["ed_frame"]), "es": int(a["es_frame"]),
                           "gls_reference": float(gls) if gls is not None else None})
-        entries.append(entry)
+        return entry
+
+    # the split needs every file's patient (a header attribute): unreadable files are set aside with their error
+    # and placed in the split under their id; only those of the requested subset are reported
+    entries: list[dict] = []
+    for p in files:
+        try:
+            entries.append(build(p))
+        except Exception as e:  # readers of corrupt files raise many unrelated types; reported below if in the split
+            if ledger is None:
+                raise
+            vid = str(p.relative_to(root).with_suffix(""))
+            entries.append({"video": str(p), "id": vid, "patient": vid, "error": e})
     subsets = patient_split([e["patient"] for e in entries], (1.0 - val_fraction - test_fraction, val_fraction,
                                                                 test_fraction), seed, names=("train", "val", "test"))
     subset_of = {k: s for s, ks in subsets.items() for k in ks}
-    out = []
     for e in entries:
         e["split"] = subset_of[e["patient"]]
-        if split is None or e["split"] == split:
-            out.append(e)
+
+    def keep(e: dict) -> dict:
+        if "error" in e:
+            raise e["error"]
+        return e
+
+    out = build_cases([e for e in entries if split is None or e["split"] == split], keep, lambda e: e["video"],
+                      ledger, root)
     if not out:
         raise DataError(f"{root}: no tracking videos in split {split!r}")
     return out

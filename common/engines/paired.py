@@ -102,7 +102,7 @@ def _phase(t: int, ed: int, es: int) -> str:
 def echo_datalist(root: str | Path, split: str | None = "train", layout: str = "auto",
                   views: Sequence[str] = ("2CH", "4CH"), purpose: str = "train", val_fraction: float = 0.1,
                   test_fraction: float = 0.1, seed: int = 0, camus_eval: str = "pairs",
-                  frame_dropout: float = 0.0) -> list[dict]:
+                  frame_dropout: float = 0.0, ledger: Any = None) -> list[dict]:
     """Datalist of frame pairs (training) or cases (evaluation) of a CAMUS or TED folder.
 
     Args:
@@ -117,6 +117,9 @@ def echo_datalist(root: str | Path, split: str | None = "train", layout: str = "
         frame_dropout: TED training only (paper Table 5, RandomFrameDropout): this fraction of each training
             sequence's frames is removed (seeded per patient; at least two frames stay) and the remaining frames are
             paired consecutively and cyclically, so the network sees fewer frames and larger motions.
+        ledger: evaluation's :class:`common.engines.screening.BatchLedger`: a case whose files cannot be read is
+            recorded there (stage ``datalist``) and left out (:func:`common.data.cases.build_cases`); without it
+            (training) the first such case stops with an error naming the file.
 
     Every entry has ``image`` and ``label`` (a path or a list of paths, loaded by
     :class:`common.engines.echo_inference.LoadEchoFramesd`), optionally ``frames`` (indices into the file),
@@ -134,26 +137,32 @@ def echo_datalist(root: str | Path, split: str | None = "train", layout: str = "
     out: list[dict] = []
     if kind == "camus":
         from common.data.camus import camus_datalist
+        from common.data.cases import build_cases
 
         seq = purpose == "eval" and camus_eval == "sequences"
-        for e in camus_datalist(root, views=tuple(views), split=split, val_fraction=val_fraction, seed=seed,
-                                test_fraction=test_fraction, sequences=seq):
+
+        def camus_case(e: dict) -> dict:
             base = {"case": f"{e['patient'].replace('/', '_')}_{e['view']}", "patient": e["patient"],
                     "view": e["view"]}
             if not seq:
-                out.append({**base, "image": [e["image_ed"], e["image_es"]], "label": [e["label_ed"], e["label_es"]],
-                            "phases": "ED,ES", "frame_ids": f"{e['ed']},{e['es']}"})
-                continue
+                return {**base, "image": [e["image_ed"], e["image_es"]], "label": [e["label_ed"], e["label_es"]],
+                        "phases": "ED,ES", "frame_ids": f"{e['ed']},{e['es']}"}
             if "sequence" not in e or "sequence_label" not in e:
                 raise DataError(f"{Path(e['image_ed']).parent}: no labelled {e['view']} half sequence "
                                 "(camus_eval='sequences' needs ..._half_sequence[_gt] or ..._sequence[_gt] files)")
             n = int(e["n_frames"])
-            out.append({**base, "image": e["sequence"], "label": e["sequence_label"],
-                        "phases": ",".join(_phase(t, e["ed"], e["es"]) for t in range(n))})
-        return out
+            return {**base, "image": e["sequence"], "label": e["sequence_label"],
+                    "phases": ",".join(_phase(t, e["ed"], e["es"]) for t in range(n))}
+
+        cases = camus_datalist(root, views=tuple(views), split=split, val_fraction=val_fraction, seed=seed,
+                               test_fraction=test_fraction, sequences=seq, ledger=ledger)
+        # the record names the view as camus_datalist does: <patient folder>/<patient>_<view>
+        return build_cases(cases, camus_case, lambda e: Path(e["image_ed"]).parent /
+                           f"{Path(e['image_ed']).parent.name}_{e['view']}", ledger, root)
     from common.data.ted import ted_datalist
 
-    for e in ted_datalist(root, split=split, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed):
+    for e in ted_datalist(root, split=split, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                          ledger=ledger):
         n = int(e["n_frames"])
         base = {"patient": e["patient"], "view": e["view"], "image": e["image"], "label": e["label"]}
         if purpose == "eval":

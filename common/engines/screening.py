@@ -9,7 +9,9 @@ Used by every bundle's ``inference.json`` (and by evaluation to leave corrupt ca
   :meth:`BatchLedger.finish` (the config's ``finalize``) ends the process with exit status
   :data:`EXIT_INPUTS_FAILED` (3) and a one-line message when some inputs failed -- after every good output is
   written -- so a batch job can tell "some inputs failed" (3) from success (0); when no input could be processed it
-  raises a ``DataError`` listing the reasons (exit status 1, like a crash or a configuration error).
+  raises a ``DataError`` listing the reasons (exit status 1, like a crash or a configuration error). In a
+  ``torch.distributed`` run (``multi_gpu_evaluate.json``) only rank 0 writes the records, and
+  :meth:`BatchLedger.gather` merges every rank's records before ``finish``, so all ranks exit alike.
 * :func:`screen_inputs` -- reads every input once with the bundle's own loader before the run, checks the header
   against the size limits first (:func:`check_header`: a crafted header cannot make the job allocate tens of GB),
   then the array (:func:`check_loaded`: real numeric dtype, dimensionality, degenerate sizes, frame count, NaN/Inf,
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 from monai.data import Dataset
 
+from common.data.cases import describe_error  # one implementation, shared with the dataset readers
 from common.data.loading import DataError, ReadLimits
 from common.engines.echo_inference import as_flag
 from common.engines.handlers import write_json_atomic
@@ -74,6 +77,15 @@ class InputsFailed(SystemExit):
         return self.message
 
 
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised ``torch.distributed`` process group; ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def entry_input(entry: Mapping[str, Any], keys: Sequence[str] = ("image",)) -> str:
     """The input a datalist entry stands for, as one string: the first key's path (a list of paths joined by
     ``" + "``, e.g. an ED/ES pair); the record key of :class:`BatchLedger`."""
@@ -82,23 +94,6 @@ def entry_input(entry: Mapping[str, Any], keys: Sequence[str] = ("image",)) -> s
         if v:
             return " + ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     return json.dumps({k: str(v) for k, v in entry.items()}, sort_keys=True)
-
-
-def describe_error(e: BaseException) -> str:
-    """One line for a failure: our own errors (which name the file) as they are, others with their type.
-
-    MONAI wraps an error inside a transform as ``RuntimeError: applying transform ...`` (and config expressions as
-    ``Failed to evaluate ...``); the innermost cause is what the user needs, preferably one of our named errors.
-    """
-    chain = [e]
-    while chain[-1].__cause__ is not None and len(chain) < 20:
-        chain.append(chain[-1].__cause__)
-    ours = [c for c in chain if isinstance(c, (DataError, FileNotFoundError))]
-    e = ours[0] if ours else chain[-1]
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, (DataError, FileNotFoundError)):
-        return text
-    return f"{type(e).__name__}: {text}"
 
 
 # ------------------------------------------------------------------------------------------------------- ledger
@@ -124,6 +119,10 @@ class BatchLedger:
         self.seen: set[str] = set()
         self.run_failed: set[str] = set()
         self.run_succeeded: set[str] = set()
+        # torch.distributed: the rank fixed by gather() (after which the process group may be gone), and whether
+        # the ranks' records were merged
+        self._rank: int | None = None
+        self._gathered = False
 
     @staticmethod
     def _read(path: Path | None, key: str) -> dict[str, dict]:
@@ -141,7 +140,14 @@ class BatchLedger:
             self._failed = self._read(self.failures_path, "failed")
             self._predicted = self._read(self.predictions_path, "predictions")
 
+    def _is_writer(self) -> bool:
+        # in a torch.distributed run only rank 0 writes the record files: every rank of a multi-GPU evaluation
+        # screens the same inputs, and two writers of one file would lose each other's records
+        return (self._rank if self._rank is not None else _process_group()[0]) == 0
+
     def _write(self) -> None:
+        if not self._is_writer():
+            return
         failed = list(self._failed.values())
         if failed:
             write_json_atomic(self.failures_path, {"failed": failed, "n_failed": len(failed)})
@@ -197,10 +203,59 @@ class BatchLedger:
         n, k = len(self.seen), len(self.run_failed)
         return f"{k} of {n} input(s) failed; reasons in {self.failures_path}" if k else f"all {n} input(s) processed"
 
-    def finish(self, engine: Any = None) -> None:
+    def gather(self, engine: Any = None) -> None:
+        """Merge the records of this run from every rank of a ``torch.distributed`` process group into every rank;
+        rank 0 writes the merged ``failed_inputs.json`` (and ``predictions.json``). A collective call: every rank
+        must make it (``multi_gpu_evaluate.json``'s ``finalize`` does, before destroying the process group). Without
+        a process group of more than one process it does nothing.
+
+        Records are keyed by input, so an input recorded by several ranks (each rank screens the whole datalist) is
+        listed once, and a failure on any rank wins over a success of the same input. Afterwards every rank holds
+        the same outcome, so :meth:`finish` ends every rank with the same exit status.
+        """
+        rank, world = _process_group()
+        self._rank = rank
+        if world < 2:
+            return
+        import torch.distributed as dist
+
+        self._load()
+        mine = {"seen": sorted(self.seen),
+                "failed": [self._failed[i] for i in sorted(self.run_failed) if i in self._failed],
+                "predicted": [self._predicted[i] for i in sorted(self.run_succeeded - self.run_failed)
+                              if i in self._predicted]}
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, mine)
+        for part in parts:
+            self.seen.update(part["seen"])
+            for rec in part["failed"]:
+                i = str(rec["input"])
+                self.run_failed.add(i)
+                self.run_succeeded.discard(i)
+                self._predicted.pop(i, None)
+                self._failed[i] = rec
+        for part in parts:
+            for rec in part["predicted"]:
+                i = str(rec["input"])
+                if i in self.run_failed:
+                    continue
+                self._failed.pop(i, None)  # an earlier run's failure of an input another rank processed now
+                # as in succeed(): an earlier run's record is replaced, this run's (from any rank) completed
+                earlier = self._predicted.get(i, {}) if i in self.run_succeeded else {}
+                self.run_succeeded.add(i)
+                self._predicted[i] = {**earlier, **rec}
+        self._gathered = True
+        self._write()
+
+    def finish(self, engine: Any = None, gather: bool = True) -> None:
         """End of the batch: log the summary. If inputs failed: :class:`InputsFailed` (exit status 3) when others
         were processed; a ``DataError`` listing the reasons when none was (a single bad input fails as it always
-        did, with its reason, and a batch that produced nothing is not mistaken for a partial success)."""
+        did, with its reason, and a batch that produced nothing is not mistaken for a partial success).
+
+        In a ``torch.distributed`` run the ranks' records are merged first (:meth:`gather`, a collective call, unless
+        done already or ``gather=False``), so every rank ends with the same status."""
+        if gather and not self._gathered:
+            self.gather()
         self._load()
         self._write()
         if self.run_failed and not (self.seen - self.run_failed):
@@ -367,7 +422,10 @@ def screen_inputs(entries: Sequence[Mapping[str, Any]], ledger: BatchLedger | st
         kept.append(dict(entry))
     if not kept:
         if ledger is not None and ledger.run_failed and not (ledger.seen - ledger.run_failed):
-            ledger.finish()  # raises DataError with the reasons: nothing left to run
+            # raises DataError with the reasons: nothing left to run. No gathering: every rank of a distributed
+            # run screens the same datalist and fails here alike, and a collective call on this error path could
+            # wait forever for a rank that did not fail
+            ledger.finish(gather=False)
         raise DataError("no input given" if not entries else "no usable input")
     return kept
 

@@ -6,7 +6,7 @@ import importlib
 
 import fire
 
-BENCHMARKS = ("sinkhorn", "cost_volume", "specknet", "botm", "lssc")
+BENCHMARKS = ("sinkhorn", "cost_volume", "specknet", "botm", "lssc", "pacs")
 
 
 def _runner(name: str):

@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from common.data.abdomen import BTCV_CODES, CHAOS_CODES
 from common.data.io import write_nifti
+from common.data.loading import save_dicom
 from common.data.synthetic.anatomy3d import (
     AbdomenPhantom,
     BiasField,
@@ -157,7 +158,7 @@ def write_dicom_series(folder: str | Path, volume: np.ndarray, affine_lps: np.nd
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         name = (stems[inst - 1] if stems else f"IMG-{series_number:04d}-{inst:05d}") + ".dcm"
         p = folder / name
-        ds.save_as(p, enforce_file_format=True)
+        save_dicom(ds, p, file_format=True)
         paths.append(p)
     return paths
 

@@ -18,10 +18,15 @@ from .conftest import TINY
 CONFIGS = Path(__file__).resolve().parents[3] / "bundles" / "botm_seg" / "configs"
 
 
-def torchrun(configs, *args):
+def torchrun_command(configs, *args) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=2 -m monai.bundle run`` of this bundle's configs (names or paths)."""
     cfg = "[" + ",".join(f"'{c if os.path.isabs(str(c)) else CONFIGS / c}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", "--config_file", cfg, *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+            "run", "--config_file", cfg, *map(str, args)]
+
+
+def torchrun(configs, *args):
+    cmd = torchrun_command(configs, *args)
     for attempt in (1, 2):
         proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                               timeout=600)
