@@ -8,7 +8,6 @@ slice) and ``emri_small.dcm`` (read as MR, no patient geometry) are recorded wit
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -16,30 +15,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 import torch
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+
+from tests.dicom_geometry import write_mr_series
 
 from .conftest import CONFIGS
-
-
-def _write_series(folder: Path, volume: np.ndarray, rotation: np.ndarray, origin, spacing=(1.3, 1.1), step=2.5):
-    """``volume`` (Z, rows, cols) as single-frame files on pydicom-data's MR_small header; names run backwards."""
-    template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    folder.mkdir(parents=True)
-    uid = generate_uid()
-    for k in range(volume.shape[0]):
-        ds = copy.deepcopy(template)
-        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.Rows, ds.Columns = volume.shape[1:]
-        ds.PixelSpacing = [f"{spacing[0]:g}", f"{spacing[1]:g}"]
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*rotation[:, 0], *rotation[:, 1])]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.asarray(origin) + k * step * rotation[:, 2]]
-        ds.PixelData = volume[k].astype(np.int16).tobytes()
-        ds.save_as(folder / f"IM{volume.shape[0] - k:04d}", enforce_file_format=True)  # no suffix, as PACS exports
 
 
 def test_dicom_series_in_prediction_on_its_grid_and_bad_dicom_recorded(tmp_path, lssc_env, tiny_json, monkeypatch):
@@ -61,7 +43,8 @@ def test_dicom_series_in_prediction_on_its_grid_and_bad_dicom_recorded(tmp_path,
     a, b = 0.35, -0.5
     rot = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]]) @ \
         np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
-    _write_series(inputs / "series_301", volume, rot, origin=(-60.0, 25.0, 110.0))
+    write_mr_series(inputs / "series_301", volume, rot, origin=(-60.0, 25.0, 110.0), spacing=(1.3, 1.1), step=2.5,
+                    name="IM{n:04d}", instance_numbers=False)  # no suffix, as PACS exports
     shutil.copy(get_testdata_file("CT_small.dcm"), inputs / "scan_a.dcm")
     shutil.copy(get_testdata_file("emri_small.dcm"), inputs / "scan_b.dcm")
 

@@ -34,17 +34,7 @@ from common.data.loading import (
     to_frames,
     write_like,
 )
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def _sitk_ras(img: sitk.Image) -> np.ndarray:
-    """Index -> RAS affine of a SimpleITK image, from its own origin/spacing/direction (LPS)."""
-    dim = img.GetDimension()
-    a = np.eye(4)
-    a[:dim, :dim] = np.asarray(img.GetDirection()).reshape(dim, dim) @ np.diag(img.GetSpacing())
-    a[:dim, 3] = img.GetOrigin()
-    return LPS_TO_RAS @ a
+from tests.dicom_geometry import sitk_ras
 
 
 def _sitk_index_array(img: sitk.Image) -> np.ndarray:
@@ -99,7 +89,7 @@ def test_metaimage_keeps_origin_and_direction(tmp_path):
     ref = sitk.ReadImage(str(p))
     img = read_image(p)
     np.testing.assert_array_equal(img.array, arr.T)  # index order
-    np.testing.assert_allclose(img.affine, _sitk_ras(ref), atol=1e-6)
+    np.testing.assert_allclose(img.affine, sitk_ras(ref), atol=1e-6)
     assert img.spacing == pytest.approx((0.6, 0.8, 2.5))
     rotation = img.affine[:3, :3]
     assert not np.allclose(img.affine[:3, 3], 0) and not np.allclose(rotation, np.diag(np.diag(rotation)))
@@ -126,7 +116,7 @@ def test_single_frame_dicom_matches_gdcm_geometry_and_pixels(name):
     ds = pydicom.dcmread(path)
     expected = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
     np.testing.assert_allclose(img.numpy(), expected.T)  # (Columns, Rows): index order
-    assert_same_world_image(img.numpy(), img.affine.numpy(), _sitk_index_array(ref), _sitk_ras(ref))
+    assert_same_world_image(img.numpy(), img.affine.numpy(), _sitk_index_array(ref), sitk_ras(ref))
 
 
 def test_dicom_modality_from_the_header():
@@ -149,7 +139,7 @@ def test_enhanced_ct_frames_ordered_by_position_match_gdcm():
     img = load_image(path)
     ref = sitk.ReadImage(path)
     assert img.shape == (512, 512, 2) and img.meta["frame_axis"] == "slice"
-    assert_same_world_image(img.numpy(), img.affine.numpy(), _sitk_index_array(ref), _sitk_ras(ref))
+    assert_same_world_image(img.numpy(), img.affine.numpy(), _sitk_index_array(ref), sitk_ras(ref))
 
 
 @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
@@ -231,7 +221,7 @@ def test_dicom_series_folder_is_ordered_by_geometry_not_by_name(tmp_path):
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
     ref = reader.Execute()
-    assert_same_world_image(img.numpy(), img.affine.numpy(), _sitk_index_array(ref), _sitk_ras(ref))
+    assert_same_world_image(img.numpy(), img.affine.numpy(), _sitk_index_array(ref), sitk_ras(ref))
     assert header_shape(tmp_path / "series") == ((10, 12, 6), 1)
 
 
@@ -330,4 +320,4 @@ def test_frames_round_trip_and_write_like_restores_each_grid(tmp_path):
             np.testing.assert_allclose(back.GetSpacing(), src.GetSpacing(), atol=1e-5)
             np.testing.assert_allclose(back.GetOrigin(), src.GetOrigin(), atol=1e-4)
             np.testing.assert_allclose(back.GetDirection(), src.GetDirection(), atol=1e-5)
-        np.testing.assert_allclose(_sitk_ras(back), affine, atol=1e-4)
+        np.testing.assert_allclose(sitk_ras(back), affine, atol=1e-4)

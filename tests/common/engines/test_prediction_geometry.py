@@ -11,7 +11,6 @@ transpose). botm_seg: ``LoadEchoFramesd`` + ``SaveEchoPredictiond``; lssc_multim
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -25,21 +24,12 @@ import torch
 from monai.data import MetaTensor
 from nibabel.testing import data_path as NIB_DATA
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from common.data.io import write_mhd, write_nifti
+from tests.dicom_geometry import sitk_ras, write_mr_series
 
 ROOT = Path(__file__).resolve().parents[3]
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 OBLIQUE = nib.load(f"{NIB_DATA}/example4d.nii.gz").affine  # a real oblique scanner affine
-
-
-def _sitk_ras(img: sitk.Image) -> np.ndarray:
-    dim = img.GetDimension()
-    a = np.eye(4)
-    a[:dim, :dim] = np.asarray(img.GetDirection()).reshape(dim, dim) @ np.diag(img.GetSpacing())
-    a[:dim, 3] = img.GetOrigin()
-    return LPS_TO_RAS @ a
 
 
 def _rotation(a: float, b: float) -> np.ndarray:
@@ -54,25 +44,6 @@ def _blob(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
     rng = np.random.default_rng(seed)
     return (1000 * np.exp(-r2 / 0.3) + 50 * rng.random(shape)).astype(np.int16)
-
-
-def _write_series(folder: Path, volume: np.ndarray, rotation: np.ndarray, origin, spacing=(1.1, 0.9),
-                  step=2.0) -> None:
-    """``volume`` (Z, rows, cols) as single-frame MR files on pydicom-data's MR_small header, names against order."""
-    template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    folder.mkdir(parents=True, exist_ok=True)
-    uid = generate_uid()
-    for k in range(volume.shape[0]):
-        ds = copy.deepcopy(template)
-        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.Rows, ds.Columns = volume.shape[1:]
-        ds.PixelSpacing = [f"{spacing[0]:g}", f"{spacing[1]:g}"]
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*rotation[:, 0], *rotation[:, 1])]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.asarray(origin) + k * step * rotation[:, 2]]
-        ds.InstanceNumber = volume.shape[0] - k
-        ds.PixelData = volume[k].astype(np.int16).tobytes()
-        ds.save_as(folder / f"z{volume.shape[0] - k:03d}.dcm", enforce_file_format=True)
 
 
 def _series_reference(folder: Path) -> sitk.Image:
@@ -93,7 +64,7 @@ def test_botm_writer_restores_nifti_metaimage_and_dicom_grids(tmp_path):
     us = Path(get_testdata_file("OBXXXX1A_rle_2frame.dcm"))  # a real 2-frame ultrasound (RLE, palette colour)
     references = {
         nii: (nib.load(str(nii)).affine, np.asarray(nib.load(str(nii)).dataobj)),
-        mha: (_sitk_ras(sitk.ReadImage(str(mha))), sitk.GetArrayFromImage(sitk.ReadImage(str(mha))).T),
+        mha: (sitk_ras(sitk.ReadImage(str(mha))), sitk.GetArrayFromImage(sitk.ReadImage(str(mha))).T),
     }
     loader = LoadEchoFramesd(keys="image")
     for path in (nii, mha, us):
@@ -174,7 +145,7 @@ def test_lssc_inference_restores_rotated_metaimage_grid(tmp_path, lssc_transform
     src = sitk.ReadImage(str(mha))
     written = _lssc_predict(mha, pre, post, out)
     assert written.shape == vol.shape
-    np.testing.assert_allclose(written.affine, _sitk_ras(src), atol=1e-4)
+    np.testing.assert_allclose(written.affine, sitk_ras(src), atol=1e-4)
     back = sitk.ReadImage(str(out / "rotated_seg.nii.gz"))
     np.testing.assert_allclose(back.GetOrigin(), src.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(back.GetDirection(), src.GetDirection(), atol=1e-5)
@@ -185,11 +156,11 @@ def test_lssc_inference_reads_a_dicom_series_and_restores_its_grid(tmp_path, lss
     pre, post, out = lssc_transforms
     vol = _blob((9, 24, 28), seed=2)  # (Z, rows, cols) as DICOM stores it
     series = tmp_path / "mr_series"
-    _write_series(series, vol, _rotation(0.25, 0.6), origin=(-20.0, 35.0, 60.0))
+    write_mr_series(series, vol, _rotation(0.25, 0.6), origin=(-20.0, 35.0, 60.0))
     ref = _series_reference(series)
     written = _lssc_predict(series, pre, post, out)
     assert written.shape == (28, 24, 9)  # (Columns, Rows, slices)
-    ras = _sitk_ras(ref)
+    ras = sitk_ras(ref)
     np.testing.assert_allclose(written.affine, ras, atol=1e-4)
     image = sitk.GetArrayFromImage(ref).T.astype(float)  # GDCM's slice order, index order
     assert _agreement(np.asarray(written.dataobj), image) > 0.9
@@ -201,7 +172,7 @@ def test_lssc_datalist_takes_the_modality_from_the_dicom_header(tmp_path):
     emri, ct = get_testdata_file("emri_small.dcm"), get_testdata_file("CT_small.dcm")  # no modality in the names
     assert modality_datalist([emri, ct]) == [{"image": emri, "modality": "mr"}, {"image": ct, "modality": "ct"}]
     series = tmp_path / "study" / "series_a"
-    _write_series(series, _blob((3, 8, 8)), np.eye(3), origin=(0.0, 0.0, 0.0))
+    write_mr_series(series, _blob((3, 8, 8)), np.eye(3), origin=(0.0, 0.0, 0.0))
     # a folder holding one series is one volume; a folder of series folders gives one entry per series
     assert modality_datalist(series) == [{"image": str(series), "modality": "mr"}]
     assert modality_datalist(tmp_path / "study") == [{"image": str(series), "modality": "mr"}]
@@ -219,7 +190,7 @@ def test_adacs_writer_puts_the_warped_image_on_the_target_grid(tmp_path):
     mr = get_testdata_file("MR_small.dcm")  # real MR slice with patient geometry
     cases = {
         "nifti": (nii, nib.load(str(nii)).affine, np.asarray(nib.load(str(nii)).dataobj)),
-        "mhd": (mha, _sitk_ras(sitk.ReadImage(str(mha))), sitk.GetArrayFromImage(sitk.ReadImage(str(mha))).T),
+        "mhd": (mha, sitk_ras(sitk.ReadImage(str(mha))), sitk.GetArrayFromImage(sitk.ReadImage(str(mha))).T),
         "dicom": (mr, None, pydicom.dcmread(mr).pixel_array.T),
     }
     writer = RegistrationInferenceWriter(str(tmp_path / "out"))
@@ -232,7 +203,7 @@ def test_adacs_writer_puts_the_warped_image_on_the_target_grid(tmp_path):
         np.testing.assert_allclose(np.asarray(written.dataobj), image.astype(np.float32), atol=1e-3)
         if affine is None:  # DICOM: GDCM's reading of the same slice
             ref = sitk.ReadImage(str(path))
-            affine = _sitk_ras(ref)
+            affine = sitk_ras(ref)
             np.testing.assert_allclose(written.affine[:3, [0, 1, 3]], affine[:3, [0, 1, 3]], atol=1e-4)
         else:
             np.testing.assert_allclose(written.affine, affine, atol=1e-5)
