@@ -50,9 +50,6 @@ CAMUS_TEST_PATIENTS = tuple(f"patient{i:04d}" for i in range(451, 501))
 _PATIENT_RE = re.compile(r"^patient(\d+)$")
 _NIFTI_EXT = (".nii.gz", ".nii")
 _MHD_EXT = (".mhd", ".mha")
-_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
-              "MET_ULONG": 8, "MET_LONG": 8, "MET_ULONG_LONG": 8, "MET_LONG_LONG": 8, "MET_FLOAT": 4,
-              "MET_DOUBLE": 8}
 
 
 # ---------------------------------------------------------------------------------------------------------- files
@@ -91,23 +88,6 @@ def read_info_cfg(path: str | Path) -> dict:
     return out
 
 
-def _mhd_header(p: Path) -> dict:
-    try:
-        text = p.read_bytes()[:65536].decode("ascii", errors="strict")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not a MetaImage header ({e})") from e
-    hdr = {}
-    for line in text.splitlines():
-        if "=" in line:
-            k, v = line.split("=", 1)
-            hdr[k.strip()] = v.strip()
-        if line.strip().startswith("ElementDataFile"):
-            break  # .mha: binary data follows
-    if "DimSize" not in hdr or "ElementDataFile" not in hdr:
-        raise DataError(f"{p}: MetaImage header lacks DimSize/ElementDataFile")
-    return hdr
-
-
 def image_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, float]]:
     """Check an image file cheaply (header, and the data file size for MetaImage) without reading the pixels.
 
@@ -135,22 +115,14 @@ def image_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, float]
         out_shape = (shape[1], shape[0]) if len(shape) == 2 else (shape[2], shape[1], shape[0])
         return out_shape, (float(zooms[1]), float(zooms[0]))
     if name.endswith(_MHD_EXT):
-        hdr = _mhd_header(p)
-        try:
-            dims = [int(v) for v in hdr["DimSize"].split()]
-            spacing = [float(v) for v in hdr.get("ElementSpacing", hdr.get("ElementSize", "1 1 1")).split()]
-        except ValueError as e:
-            raise DataError(f"{p}: malformed DimSize/ElementSpacing ({e})") from e
-        datafile = hdr["ElementDataFile"]
-        compressed = hdr.get("CompressedData", "False").lower() == "true"
-        if datafile != "LOCAL" and not compressed:
-            raw = p.parent / datafile
-            if not raw.is_file():
-                raise FileNotFoundError(f"{raw}: data file of {p.name} not found")
-            need = int(np.prod(dims)) * _MET_BYTES.get(hdr.get("ElementType", "MET_UCHAR"), 1) * int(
-                hdr.get("ElementNumberOfChannels", "1"))
-            if raw.stat().st_size < need:
-                raise DataError(f"{raw}: truncated, {raw.stat().st_size} bytes where {p.name} needs {need}")
+        # the shared header check (ITK reads the header; a missing or short .raw is refused), spacing from ITK too
+        import SimpleITK as sitk
+
+        dims = list(header_shape(p)[0])
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        reader.ReadImageInformation()
+        spacing = [float(v) for v in reader.GetSpacing()]
         if len(dims) == 3 and dims[2] == 1:
             dims = dims[:2]
         if len(dims) not in (2, 3) or len(spacing) < 2:
