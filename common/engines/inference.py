@@ -32,7 +32,8 @@ from monai.inferers import Inferer
 from common.data.loading import dicom_modality
 from common.transforms.slices import slice_axis_index, stacks_to_volume, volume_to_slice_stacks
 
-__all__ = ["IMAGE_SUFFIXES", "SliceStackInferer", "modality_datalist", "modality_from_name"]
+__all__ = ["IMAGE_SUFFIXES", "SliceStackInferer", "modality_datalist", "modality_from_name",
+           "refuse_shared_output_names"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".dcm", ".dicom")
 _MODALITY_ALIASES = {"ct": "ct", "mr": "mr", "mri": "mr"}
@@ -194,7 +195,6 @@ def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: s
         else:
             entries = [{"image": str(path)}]
     out = []
-    stems: dict[str, str] = {}
     for e in entries:
         p = Path(e["image"])
         try:
@@ -211,20 +211,39 @@ def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: s
                 if mod is None:
                     raise ValueError(f"cannot tell the modality of {p}: name it in the file name (ct_/mr_), in a "
                                      f"JSON datalist ('modality'), or pass --modality (one of {tuple(modalities)})")
-            # SaveImaged names a prediction after the input's stem: two inputs with one stem (ct_x.nii.gz and
-            # ct_x.mha) would write one file twice, so the second one is refused instead of overwriting the first
-            stem = _output_stem(p)
-            if stem in stems:
-                raise ValueError(f"{p}: its prediction would overwrite that of {stems[stem]} (same name "
-                                 f"{stem!r}); rename one of them or run them separately")
         except (FileNotFoundError, ValueError) as err:
             if ledger is None:
                 raise
             ledger.fail(str(p), str(err), "datalist")
             continue
-        stems[stem] = str(p)
         out.append({"image": str(p), "modality": mod})
     return out
+
+
+def refuse_shared_output_names(entries: Sequence[dict[str, Any]], ledger: Any = None,
+                               key: str = "image") -> list[dict[str, Any]]:
+    """Drop the inputs whose prediction would overwrite an earlier input's (same file-name stem).
+
+    ``SaveImaged`` names a prediction after its input's stem, so ``ct_x.nii.gz`` and ``ct_x.mha`` would both be
+    written as ``ct_x_seg.nii.gz``. Applied after screening (an input that fails anyway keeps its own reason): the
+    first input keeps the name, each later one is recorded in ``ledger`` (stage ``datalist``) and left out, or, with
+    no ledger, raises ``ValueError`` naming both inputs.
+    """
+    kept: list[dict[str, Any]] = []
+    owners: dict[str, str] = {}
+    for e in entries:
+        p = Path(e[key])
+        stem = _output_stem(p)
+        if stem in owners:
+            reason = (f"{p}: its prediction would overwrite that of {owners[stem]} (same name {stem!r}); rename one "
+                      "of them or run them separately")
+            if ledger is None:
+                raise ValueError(reason)
+            ledger.fail(str(p), reason, "datalist")
+            continue
+        owners[stem] = str(p)
+        kept.append(e)
+    return kept
 
 
 def _output_stem(path: Path) -> str:

@@ -173,18 +173,18 @@ def test_bundle_volume_preprocessing(tmp_path, repo_root):
 def test_inputs_whose_predictions_would_share_a_name_are_refused(tmp_path):
     """ct_x.nii.gz and ct_x.mha would both be saved as ct_x_seg.nii.gz: the second is recorded, not overwritten."""
     from common.data.io import write_mhd, write_nifti
-    from common.engines.inference import modality_datalist
-    from common.engines.screening import BatchLedger
+    from common.engines.inference import modality_datalist, refuse_shared_output_names
+    from common.engines.screening import BatchLedger, screen_inputs
 
     vol = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32)
     write_nifti(tmp_path / "ct_x.nii.gz", vol)
     write_mhd(tmp_path / "ct_x.mha", vol, (1.0, 1.0, 1.0))
     write_nifti(tmp_path / "mr_y.nii.gz", vol)
     ledger = BatchLedger(tmp_path / "out")
-    entries = modality_datalist(tmp_path, ledger=ledger)
+    entries = refuse_shared_output_names(screen_inputs(modality_datalist(tmp_path, ledger=ledger), ledger), ledger)
     assert [Path(e["image"]).name for e in entries] == ["ct_x.mha", "mr_y.nii.gz"]
     (failure,) = ledger.failed
     assert failure["input"].endswith("ct_x.nii.gz") and "would overwrite" in failure["reason"]
     assert failure["stage"] == "datalist"
     with pytest.raises(ValueError, match="would overwrite"):
-        modality_datalist(tmp_path)
+        refuse_shared_output_names(modality_datalist(tmp_path))
