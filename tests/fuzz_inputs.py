@@ -291,22 +291,26 @@ def us_cine(path: Path, n_frames: int = 3) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ running
+# The peak is read from /proc/self/status (VmHWM, the high-water mark of this process's own address space), not
+# from getrusage: Linux carries ru_maxrss across fork + exec, so it would report the parent pytest process's size.
 _RSS_WRAPPER = """
-import resource, runpy, sys
+import runpy, sys
 out = sys.argv[1]
 sys.argv = ["monai.bundle", *sys.argv[2:]]
 try:
     runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
 finally:
+    with open("/proc/self/status") as status:
+        peak_kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
     with open(out, "w") as f:
-        f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+        f.write(peak_kib)
 """
 
 
 def run_cli_with_peak_rss(args: Sequence[str], rss_file: Path, env: dict[str, str] | None = None,
                           cwd: Path | None = None, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
     """``python -m monai.bundle <args>`` in a subprocess that reports its own peak RSS; returns the completed
-    process and the peak in MiB (``ru_maxrss`` is KiB on Linux)."""
+    process and the peak in MiB (VmHWM is in KiB)."""
     proc = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, str(rss_file), *map(str, args)], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
     rss = float(rss_file.read_text()) / 1024 if rss_file.is_file() else float("nan")
