@@ -27,14 +27,15 @@ def sitk_ras(img: sitk.Image) -> np.ndarray:
 
 
 def write_mr_series(folder: Path, volume: np.ndarray, rotation: np.ndarray, origin, spacing=(1.1, 0.9), step=2.0,
-                    name: str = "z{n:03d}.dcm", instance_numbers: bool = True) -> None:
+                    name: str = "z{n:03d}.dcm", instance_numbers: bool = True, template: str = "MR_small.dcm") -> None:
     """``volume`` (Z, rows, cols) as single-frame MR files on pydicom-data's ``MR_small`` header.
 
     Slice ``k`` lies at ``origin + k * step * rotation[:, 2]``; file names (``name`` formatted with ``n``) run against
     the slice order, so a reader that sorts by name gets the volume backwards. ``instance_numbers=False`` leaves
-    ``InstanceNumber`` as the template has it (the same in every file), as some exports do.
+    ``InstanceNumber`` as the template has it (the same in every file), as some exports do. ``template``: another
+    pydicom-data file of 16-bit pixels (``"CT_small.dcm"`` for a CT series).
     """
-    template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    template = pydicom.dcmread(get_testdata_file(template))
     folder.mkdir(parents=True, exist_ok=True)
     uid = generate_uid()
     for k in range(volume.shape[0]):

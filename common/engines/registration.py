@@ -77,6 +77,7 @@ __all__ = [
     "REGISTRATION_METRICS",
     "SCORE_COLUMNS",
     "AdaCSTrainer",
+    "displacement_on_grid",
     "RegistrationInferenceWriter",
     "RegistrationMetric",
     "RegistrationMetricsd",
@@ -790,6 +791,21 @@ class RegistrationReport:
 
 
 # ------------------------------------------------------------------------------------------------- inference
+def displacement_on_grid(displacement: Tensor, shape: Sequence[int]) -> Tensor:
+    """The network's displacement ``(2, h, w)`` (pixels of its grid) on an input grid ``shape`` ``(H, W)``:
+    ``(1, 2, H, W)`` in pixels of that grid (bilinear, ``align_corners=False`` like the input resize, scaled by
+    ``H / h``, ``W / w``). Used by :class:`RegistrationInferenceWriter` and the PACS path so both report the same."""
+    import torch.nn.functional as F
+
+    ddf = displacement.detach().float().cpu()[None]
+    h0, w0 = (int(s) for s in shape)
+    h, w = ddf.shape[2:]
+    if (h, w) != (h0, w0):
+        ddf = F.interpolate(ddf, size=(h0, w0), mode="bilinear", align_corners=False)
+        ddf = ddf * torch.tensor([h0 / h, w0 / w]).view(1, 2, 1, 1)
+    return ddf
+
+
 class RegistrationInferenceWriter:
     """Write each registered pair on the input grid: ``<name>_warped``, ``<name>_disp`` and ``<name>_warped_mask``.
 
@@ -842,21 +858,14 @@ class RegistrationInferenceWriter:
 
     def _write_pair(self, item: dict, out: dict) -> dict:
         """Write one pair's warped image, displacement (and warped mask); its summary record."""
-        import torch.nn.functional as F
-
         from common.data.io import write_nifti
         from common.data.loading import write_like
         from common.data.pairs import read_pair_image
 
-        ddf = _plain(out["pred"]).detach().float().cpu()[None]
         source, target, mask_path = item["source"], item["target"], item.get("source_mask") or ""
         src, _, _ = read_pair_image(source)
         _, affine, _ = read_pair_image(target)
-        h0, w0 = src.shape
-        h, w = ddf.shape[2:]
-        if (h, w) != (h0, w0):
-            ddf = F.interpolate(ddf, size=(h0, w0), mode="bilinear", align_corners=False)
-            ddf = ddf * torch.tensor([h0 / h, w0 / w]).view(1, 2, 1, 1)
+        ddf = displacement_on_grid(_plain(out["pred"]), src.shape)
         warped = _warp_image(torch.from_numpy(src)[None, None], ddf)[0, 0].numpy()
         name = str(item["name"])
         rec = {"pair": name, "source": str(source), "target": str(target),

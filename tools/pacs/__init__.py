@@ -5,7 +5,10 @@
 retries), :mod:`~tools.pacs.selection` (declarative series rules), :mod:`~tools.pacs.ledger` (SQLite WAL job table),
 :mod:`~tools.pacs.uids` (deterministic result UIDs, sharding, hashed UIDs for logs), :mod:`~tools.pacs.model` (the
 bundle's own inference pieces in-process), :mod:`~tools.pacs.results` (highdicom SEG and TID 1500 SR),
-:mod:`~tools.pacs.run` (the batch), :mod:`~tools.pacs.orthanc` (a private Orthanc for tests and demos).
+:mod:`~tools.pacs.volumes` (lssc_multimodal on CT/MR series, adacs_registration on a cine's ED/ES frames),
+:mod:`~tools.pacs.dimse` (DIMSE sources/destinations: C-FIND, C-GET/C-MOVE, C-STORE), :mod:`~tools.pacs.cine`
+(single-frame US series as one cine), :mod:`~tools.pacs.run` (the batch), :mod:`~tools.pacs.orthanc` (a private
+Orthanc for tests and demos).
 """
 
 __all__: list[str] = []

@@ -78,21 +78,24 @@ class BundleModel:
         self.network.eval()
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
-        post = parser.get_parsed_content("postprocessing")
-        transforms = list(getattr(post, "transforms", [post]))
+        # adacs_registration has no post-processing (its writer handler resamples the displacement)
+        post = parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
+        transforms = [] if post is None else list(getattr(post, "transforms", [post]))
         self.postprocessing = [t for t in transforms if not type(t).__name__.startswith("Save")]
         self.class_names = list(parser.get_parsed_content("class_names")) if "class_names" in parser else []
 
-    def predict(self, path: str | Path, timings: dict[str, float] | None = None) -> tuple[np.ndarray, dict]:
+    def predict(self, path: str | Path | Mapping[str, Any], timings: dict[str, float] | None = None,
+                **infer_kwargs: Any) -> tuple[np.ndarray, dict]:
         """Run the bundle on one input file: ``(prediction as a NumPy array, data dict after post-processing)``.
         For botm_seg the prediction is ``(T, H, W)`` uint8 class ids in the file's frame order and pixel grid.
         ``timings`` (if given) receives ``decode`` (reading + preprocessing) and ``model`` (inferer +
-        post-processing) seconds."""
+        post-processing) seconds. ``path`` may also be a whole input entry (``{"source": ..., "target": ...}`` for
+        adacs_registration); ``infer_kwargs`` go to the inferer (``modality="ct"`` for lssc_multimodal)."""
         t0 = time.perf_counter()
-        data = self.preprocessing({"image": str(path)})
+        data = self.preprocessing(dict(path) if isinstance(path, Mapping) else {"image": str(path)})
         t1 = time.perf_counter()
         with torch.no_grad():
-            pred = self.inferer(torch.as_tensor(data["image"])[None].to(self.device), self.network)
+            pred = self.inferer(torch.as_tensor(data["image"])[None].to(self.device), self.network, **infer_kwargs)
         data["pred"] = pred[0].detach().cpu()
         for t in self.postprocessing:
             data = t(data)

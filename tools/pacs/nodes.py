@@ -253,11 +253,20 @@ class DicomWebNode(Node):
 
 
 def open_node(spec: str, **auth: Any) -> Node:
-    """A node from ``dicomweb://``, ``dicomwebs://``, ``http(s)://``, ``file://`` or a folder path (module
-    docstring); ``auth``: ``user``, ``password``, ``token``, ``ca_bundle``, ``timeout``, ``attempts``, ``backoff``.
+    """A node from ``dicomweb://``, ``dicomwebs://``, ``http(s)://``, ``dimse://AET@host:port``
+    (:class:`tools.pacs.dimse.DimseNode`), ``file://`` or a folder path (module docstring); ``auth``: ``user``,
+    ``password``, ``token``, ``ca_bundle``, ``timeout``, ``attempts``, ``backoff``; for DIMSE ``ae_title``,
+    ``retrieve`` (``get``/``move``), ``move_host``, ``move_port`` (the others are ignored there, and these elsewhere).
     Raises ``ValueError`` naming the spec for an unknown scheme."""
     spec = str(spec)
     u = urlparse(spec)
+    dimse_keys = ("ae_title", "retrieve", "move_host", "move_port")
+    if u.scheme == "dimse":  # a PACS's DICOM port (tools.pacs.dimse): no HTTP credentials apply
+        from tools.pacs.dimse import DimseNode
+
+        keep = (*dimse_keys, "timeout", "attempts", "backoff")
+        return DimseNode(spec, **{k: v for k, v in auth.items() if k in keep})
+    auth = {k: v for k, v in auth.items() if k not in dimse_keys}
     if u.scheme in ("dicomweb", "dicomwebs", "http", "https"):
         scheme = "https" if u.scheme in ("dicomwebs", "https") else "http"
         if not u.hostname:
@@ -268,4 +277,4 @@ def open_node(spec: str, **auth: Any) -> Node:
     if u.scheme in ("", ) or (len(u.scheme) == 1 and spec[1:3] in (":\\", ":/")):  # a path (or a Windows drive)
         return FolderNode(spec)
     raise ValueError(f"node {spec!r}: unknown scheme {u.scheme!r} (use dicomweb://, dicomwebs://, http(s)://, "
-                     "file:// or a folder; DIMSE is not implemented yet)")
+                     "dimse://AET@host:port, file:// or a folder)")

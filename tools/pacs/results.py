@@ -80,9 +80,12 @@ def _single_frame_proxy(source: Dataset) -> Dataset:
 
 
 def echo_seg(source: Dataset, labels: np.ndarray, class_names: Sequence[str], bundle: str, version: str,
-             series_uid: str, sop_uid: str, series_number: int = 9001) -> hd.seg.Segmentation:
+             series_uid: str, sop_uid: str, series_number: int = 9001,
+             frame_sources: Sequence[Dataset] | None = None) -> hd.seg.Segmentation:
     """A multi-frame BINARY SEG of ``labels`` ``(T, H, W)`` (class ids; ``k`` = ``class_names[k - 1]``) over the
-    cine ``source`` (module docstring). Raises ``ValueError`` if the label grid differs from the source."""
+    cine ``source`` (module docstring). ``frame_sources``: for a cine stacked from single-frame instances
+    (:func:`tools.pacs.cine.as_cine`), frame ``t``'s own instance, referenced instead of frame ``t`` of ``source``.
+    Raises ``ValueError`` if the label grid differs from the source."""
     lab = np.asarray(labels)
     n_src = int(source.get("NumberOfFrames", 1) or 1)
     if lab.ndim != 3 or lab.shape != (n_src, int(source.Rows), int(source.Columns)):
@@ -121,6 +124,10 @@ def echo_seg(source: Dataset, labels: np.ndarray, class_names: Sequence[str], bu
             src_ref = item.DerivationImageSequence[0].SourceImageSequence[0]
             src_ref.ReferencedSOPClassUID = src_class
             src_ref.ReferencedFrameNumber = t + 1
+            if frame_sources is not None:  # a single-frame instance per cine frame: reference it, no frame number
+                src_ref.ReferencedSOPClassUID = str(frame_sources[t].SOPClassUID)
+                src_ref.ReferencedSOPInstanceUID = str(frame_sources[t].SOPInstanceUID)
+                del src_ref.ReferencedFrameNumber
             fc = item.FrameContentSequence[0]
             fc.DimensionIndexValues = [s, t + 1]
             fc.TemporalPositionIndex = t + 1
@@ -128,6 +135,13 @@ def echo_seg(source: Dataset, labels: np.ndarray, class_names: Sequence[str], bu
             planes.append(lab[t] == s)
     seg.PerFrameFunctionalGroupsSequence = items
     seg.NumberOfFrames = len(items)
+    if frame_sources is not None:
+        refs = []
+        for d in frame_sources:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = str(d.SOPClassUID), str(d.SOPInstanceUID)
+            refs.append(ref)
+        seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence = refs
     bits = np.packbits(np.stack(planes).reshape(-1).astype(np.uint8), bitorder="little").tobytes()
     seg.PixelData = bits + (b"\0" if len(bits) % 2 else b"")
     return seg
@@ -142,7 +156,10 @@ def decode_seg_frames(seg: Dataset, n_frames: int) -> np.ndarray:
     out = np.zeros((n_frames, rows, cols), np.uint8)
     for k, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
         s = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        t = int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber) - 1
+        # the temporal position (always written by echo_seg): a SEG over single-frame instances has no frame numbers
+        fc = item.get("FrameContentSequence")
+        t = (int(fc[0].TemporalPositionIndex) if fc and "TemporalPositionIndex" in fc[0] else
+             int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)) - 1
         out[t][planes[k] > 0] = s
     return out
 
@@ -163,8 +180,10 @@ def _area(name: str, value: float, bundle: str, version: str) -> hd.sr.Measureme
 
 def echo_area_report(source: Dataset, labels: np.ndarray, class_names: Sequence[str],
                      spacing: tuple[float, float], bundle: str, version: str, series_uid: str, sop_uid: str,
-                     tracking_uid: str, series_number: int = 9002) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 SR of LV and LA areas per frame of the cine ``source`` and at ED/ES (module docstring).
+                     tracking_uid: str, series_number: int = 9002,
+                     frame_sources: Sequence[Dataset] | None = None) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 SR of LV and LA areas per frame of the cine ``source`` and at ED/ES (module docstring);
+    ``frame_sources`` as in :func:`echo_seg` (each group then references its frame's own instance).
     ``tracking_uid`` seeds the groups' tracking UIDs (deterministic). ``ValueError`` if LV is not a class."""
     names = list(class_names)
     if "LV" not in names:
@@ -183,13 +202,16 @@ def echo_area_report(source: Dataset, labels: np.ndarray, class_names: Sequence[
                 uid=generate_uid(entropy_srcs=[tracking_uid, str(k)]), identifier=label),
             algorithm_id=hd.sr.AlgorithmIdentification(name=bundle, version=str(version)),
             measurements=[_area(name, a[t], bundle, version) for name, a in per_class.items()],
-            source_images=[hd.sr.SourceImageForMeasurementGroup(src_class, src_uid, referenced_frame_numbers=[t + 1])],
+            source_images=[hd.sr.SourceImageForMeasurementGroup(src_class, src_uid, referenced_frame_numbers=[t + 1])
+                           if frame_sources is None else hd.sr.SourceImageForMeasurementGroup(
+                               str(frame_sources[t].SOPClassUID), str(frame_sources[t].SOPInstanceUID))],
         ))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(),
         procedure_reported=hd.sr.CodedConcept("40701008", "SCT", "Echocardiography"),
         imaging_measurements=groups)
     return hd.sr.Comprehensive3DSR(
-        evidence=[source], content=report[0], series_instance_uid=series_uid, series_number=series_number,
+        evidence=list(frame_sources) if frame_sources is not None else [source], content=report[0],
+        series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=sop_uid, instance_number=1, manufacturer="cardiac-bundles", is_complete=True,
         series_description=f"{bundle} {version} areas ({_NOT_DIAGNOSTIC})"[:64])

@@ -18,7 +18,6 @@ prints. Guarantees (each one tested against a real Orthanc in ``tests/tools/pacs
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -114,7 +113,8 @@ class _Job:
 
     def __init__(self, info: SeriesInfo, bundle: str, version: str) -> None:
         self.info = info
-        self.sop_uid = str(info.instances[0].SOPInstanceUID)
+        # the smallest SOP UID: a series of slices names the same instance whatever order the query returns
+        self.sop_uid = min(str(d.SOPInstanceUID) for d in info.instances)
         src = [info.study_uid, info.series_uid, self.sop_uid]
         self.seg_series = result_uid("seg-series", src[:2], bundle, version)
         self.seg_uid = result_uid("seg", src, bundle, version)
@@ -127,8 +127,12 @@ def _process(job: _Job, model: Any, source: Node, dest: Node, tmp_dir: Path) -> 
                                                                                       str]:
     """Compute and store the results of one series; returns ``(result UIDs, timings, note)``."""
     from common.data.loading import dicom_inplane_spacing
+    from tools.pacs.cine import as_cine
     from tools.pacs.results import echo_area_report, echo_seg
+    from tools.pacs.volumes import PACS_VOLUME_BUNDLES, process_series
 
+    if model.name in PACS_VOLUME_BUNDLES:  # lssc_multimodal (CT/MR series -> SEG), adacs_registration (ED/ES -> SR)
+        return process_series(job, model, source, dest, tmp_dir)
     info, timings = job.info, dict.fromkeys(TIMINGS, 0.0)
     wanted = {job.seg_uid: job.seg_series, job.sr_uid: job.sr_series}
     missing = [u for u, s in wanted.items() if not dest.exists(info.study_uid, s, u)]
@@ -137,9 +141,9 @@ def _process(job: _Job, model: Any, source: Node, dest: Node, tmp_dir: Path) -> 
     t = time.perf_counter()
     instances = source.retrieve(info.study_uid, info.series_uid)
     timings["retrieve"] = time.perf_counter() - t
-    if len(instances) != 1:
-        raise ValueError(f"expected one cine instance in the series, retrieved {len(instances)}")
-    ds = instances[0]
+    # one multi-frame cine, or single-frame US instances stacked in InstanceNumber order (frame_sources: each
+    # frame's own instance, referenced by the SEG and SR)
+    ds, frame_sources = as_cine(instances)
     tmp = tmp_dir / f"{hash_uid(job.sop_uid)[1:]}.dcm"
     try:
         t = time.perf_counter()
@@ -154,10 +158,11 @@ def _process(job: _Job, model: Any, source: Node, dest: Node, tmp_dir: Path) -> 
     t = time.perf_counter()
     out = []
     if job.seg_uid in missing:
-        out.append(echo_seg(ds, labels, model.class_names, model.name, model.version, job.seg_series, job.seg_uid))
+        out.append(echo_seg(ds, labels, model.class_names, model.name, model.version, job.seg_series, job.seg_uid,
+                            frame_sources=frame_sources))
     if job.sr_uid in missing:
         out.append(echo_area_report(ds, labels, model.class_names, spacing, model.name, model.version, job.sr_series,
-                                    job.sr_uid, job.tracking_uid))
+                                    job.sr_uid, job.tracking_uid, frame_sources=frame_sources))
     timings["encode"] = time.perf_counter() - t
     t = time.perf_counter()
     dest.store(out)
@@ -170,11 +175,14 @@ def run_batch(bundle: str = "botm_seg", source: str = "", dest: str | None = Non
               since: str | None = None, limit: int | None = None, dry_run: bool = False, device: str | None = None,
               overrides: Mapping[str, Any] | None = None, user: str | None = None, password: str | None = None,
               token: str | None = None, ca_bundle: str | None = None, retry_failed: bool = False,
-              attempts: int = 4, backoff: float = 0.5, max_unreachable: int = 3) -> dict:
+              attempts: int = 4, backoff: float = 0.5, max_unreachable: int = 3, ae_title: str | None = None,
+              retrieve: str | None = None, move_port: int | None = None) -> dict:
     """Run ``bundle`` on every matching series of ``source`` and store the results at ``dest`` (module docstring).
 
     Returns a summary: ``{"rank", "world_size", "selected", "counts_this_run": {state: n}, "ledger": {state: n},
     "stopped": reason or ""}``. ``password``/``token`` may also come from ``PACS_PASSWORD``/``PACS_TOKEN``.
+    DIMSE nodes (``dimse://AET@host:port``): ``ae_title`` is our calling AE title, ``retrieve`` ``"get"`` (C-GET,
+    default) or ``"move"`` (C-MOVE to our storage SCP on ``move_port``, which the PACS must know for ``ae_title``).
     """
     if not source:
         raise ValueError("--source is required (dicomweb://host:port/path, dicomwebs://..., or a folder)")
@@ -183,6 +191,7 @@ def run_batch(bundle: str = "botm_seg", source: str = "", dest: str | None = Non
     rules = rules_for(bundle, DEFAULT_RULES)
     auth = {"user": user, "password": password or os.environ.get("PACS_PASSWORD"),
             "token": token or os.environ.get("PACS_TOKEN"), "ca_bundle": ca_bundle}
+    auth.update(ae_title=ae_title, retrieve=retrieve, move_port=move_port)  # DIMSE only (open_node drops them)
     auth = {k: v for k, v in auth.items() if v}
     src = open_node(source, attempts=attempts, backoff=backoff, **auth) if "://" in source and not \
         source.startswith("file://") else open_node(source)
@@ -207,9 +216,10 @@ def run_batch(bundle: str = "botm_seg", source: str = "", dest: str | None = Non
                              "action": f"run {rule.bundle}" if rule else f"skip: {why}"})
             summary["plan"] = plan
             return summary
+        from tools.pacs.chains import CHAINS, ChainModel, process_chain
         from tools.pacs.model import BundleModel
 
-        model: BundleModel | None = None
+        model: BundleModel | ChainModel | None = None
         book = Ledger(ledger_path)
         recovered = book.recover()
         if recovered:
@@ -239,9 +249,13 @@ def run_batch(bundle: str = "botm_seg", source: str = "", dest: str | None = Non
                     continue  # another process on this host took it
                 try:
                     if model is None:
-                        model = BundleModel(bundle, ckpt_path=ckpt, device=device, overrides=overrides)
+                        model = ChainModel(bundle, ckpt, device, overrides) if bundle in CHAINS else BundleModel(
+                            bundle, ckpt_path=ckpt, device=device, overrides=overrides)
                     job = _Job(info, model.name, model.version)
-                    results, timings, note = _process(job, model, src, dst, tmp_dir)
+                    if isinstance(model, ChainModel):  # echo_gls, specknet_tracking: botm_seg seeds the tracker
+                        results, timings, note = process_chain(job, model, src, dst, tmp_dir)
+                    else:
+                        results, timings, note = _process(job, model, src, dst, tmp_dir)
                 except Unreachable as e:
                     book.finish(info.study_uid, info.series_uid, bundle, version, "queued",
                                 f"pending: {scrub_uids(str(e))}")
@@ -296,12 +310,10 @@ def _rank_device(device: str | None) -> str | None:
 
 
 def _bundle_version(bundle: str) -> str:
-    from tools.pacs.model import BUNDLES_DIR
+    """The version a ledger row and the result UIDs carry: a chain's (every bundle's version) or the bundle's."""
+    from tools.pacs.chains import CHAINS, chain_version, metadata_version
 
-    meta = BUNDLES_DIR / bundle / "configs" / "metadata.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"bundle {bundle!r}: {meta} not found")
-    return str(json.loads(meta.read_text()).get("version", "0"))
+    return chain_version(bundle) if bundle in CHAINS else metadata_version(bundle)
 
 
 def status(ledger: str = "output/pacs/ledger.sqlite") -> dict:

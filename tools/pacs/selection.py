@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-__all__ = ["DEFAULT_RULES", "US_IMAGE", "US_MULTIFRAME", "Rule", "rules_for", "select"]
+__all__ = ["CT_IMAGE", "DEFAULT_RULES", "MR_IMAGE", "US_IMAGE", "US_MULTIFRAME", "Rule", "rules_for", "select"]
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,22 @@ class Rule:
         return None
 
 
-# botm_seg: an echo cine in one multi-frame instance (the cine's own frames), or one single-frame US image
+# botm_seg: an echo cine in one multi-frame instance (the cine's own frames), one single-frame US image, or a series
+# of single-frame US images (one per frame)
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("botm_seg", modalities=("US",), sop_classes=(US_MULTIFRAME, US_IMAGE), min_frames=1, max_frames=2000,
+         max_instances=1),
+    # botm_seg: a cine stored as single-frame US images, one per frame (stacked in InstanceNumber order)
+    Rule("botm_seg", modalities=("US",), sop_classes=(US_IMAGE,), min_frames=2, max_frames=2000),
+    # the GLS chains track a cine: at least 2 frames in one multi-frame instance (botm_seg seeds the query points)
+    Rule("echo_gls", modalities=("US",), sop_classes=(US_MULTIFRAME,), min_frames=2, max_frames=2000,
+         max_instances=1),
+    Rule("specknet_tracking", modalities=("US",), sop_classes=(US_MULTIFRAME,), min_frames=2, max_frames=2000,
+         max_instances=1),
+    # lssc_multimodal: a CT or MR series of single-frame slices (>= 3: the network takes 3 consecutive slices)
+    Rule("lssc_multimodal", modalities=("CT", "MR"), sop_classes=(CT_IMAGE, MR_IMAGE), min_frames=3, max_frames=2000),
+    # adacs_registration: the ED -> ES pair of a cine in one multi-frame instance
+    Rule("adacs_registration", modalities=("US",), sop_classes=(US_MULTIFRAME,), min_frames=2, max_frames=2000,
          max_instances=1),
 )
 

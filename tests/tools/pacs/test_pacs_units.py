@@ -16,7 +16,7 @@ from tests.tools.pacs.conftest import TINY_BOTM
 from tools.pacs.ledger import Ledger
 from tools.pacs.nodes import Unreachable, open_node, with_retries
 from tools.pacs.run import parse_filters, run_batch
-from tools.pacs.selection import DEFAULT_RULES, rules_for, select
+from tools.pacs.selection import rules_for, select
 from tools.pacs.uids import hash_uid, result_uid, scrub_uids, shard_of
 
 
@@ -70,7 +70,11 @@ def test_selection_rules_and_options():
     us = pydicom.Dataset()
     us.update({"Modality": "US", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.3.1", "NumberOfFrames": 20, "Rows": 64,
                "Columns": 64})
-    assert select([us], rules)[0] is DEFAULT_RULES[0]
+    assert select([us], rules)[0] is rules[0]
+    # a cine stored as single-frame US images (one per frame) is selected as one series
+    frame = pydicom.Dataset()
+    frame.update({"Modality": "US", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.6.1", "Rows": 64, "Columns": 64})
+    assert select([frame] * 5, rules)[0] is not None
     ct = pydicom.Dataset()
     ct.update({"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "Rows": 512, "Columns": 512})
     rule, why = select([ct], rules)
@@ -85,8 +89,12 @@ def test_selection_rules_and_options():
                                                                               "StudyDescription": "Echo*"}
     with pytest.raises(ValueError, match="KEYWORD=VALUE"):
         parse_filters("ModalitiesInStudy")
+    node = open_node("dimse://ORTHANC@127.0.0.1:4242", ae_title="ME", attempts=2, user="ignored for DIMSE")
+    assert (node.peer_aet, node.port, node.ae_title, node.attempts) == ("ORTHANC", 4242, "ME", 2)
+    with pytest.raises(ValueError, match="dimse://nohost"):
+        open_node("dimse://nohost")
     with pytest.raises(ValueError, match="unknown scheme"):
-        open_node("dimse://ORTHANC@127.0.0.1:4242")
+        open_node("ftp://127.0.0.1/x")
     calls = []
 
     def flaky():
