@@ -204,7 +204,12 @@ def run_batch(bundle: str = "botm_seg", source: str = "", dest: str | None = Non
     summary: dict[str, Any] = {"rank": rank, "world_size": world, "selected": 0, "counts_this_run": counts,
                                "stopped": ""}
     try:
-        series = src.query(parse_filters(filter), since, limit)
+        try:
+            series = src.query(parse_filters(filter), since, limit)
+        except Unreachable as e:  # nothing is queued yet: stop with the reason (exit 2), as an outage mid-batch does
+            summary["stopped"] = f"source unreachable while querying: {scrub_uids(str(e))}"
+            log.error("%s", summary["stopped"])
+            return summary
         mine = [s for s in series if shard_of(s.study_uid, world) == rank]
         log.info("%d series queried, %d for rank %d of %d", len(series), len(mine), rank, world)
         summary["selected"] = len(mine)

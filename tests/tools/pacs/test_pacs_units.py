@@ -180,3 +180,23 @@ def test_missing_checkpoint_is_a_clear_error_and_the_row_stays_pending(tmp_path,
     assert [r["state"] for r in rows] == ["queued"] and "nope.pt" in rows[0]["reason"]
     with pytest.raises(ValueError, match="--source is required"):
         run_batch(bundle="botm_seg", source="")
+
+
+def test_unreachable_source_at_query_time_stops_with_the_reason(tmp_path):
+    """No PACS on the port: the run stops before queuing anything, with a reason and exit code 2 on the CLI."""
+    import subprocess
+    import sys
+
+    from tools.pacs.orthanc import free_port
+    from tools.pacs.run import run_batch
+
+    source = f"dicomweb://127.0.0.1:{free_port()}/dicom-web"
+    summary = run_batch(bundle="botm_seg", source=source, ledger=str(tmp_path / "ledger.sqlite"), attempts=1,
+                        backoff=0.0)
+    assert summary["stopped"].startswith("source unreachable while querying")
+    assert summary["selected"] == 0 and not any(summary["counts_this_run"].values())
+    proc = subprocess.run([sys.executable, "-m", "tools.pacs", "run", "--bundle", "botm_seg", "--source", source,
+                           "--ledger", str(tmp_path / "cli" / "ledger.sqlite"), "--attempts", "1", "--backoff", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "source unreachable while querying" in proc.stdout
