@@ -43,10 +43,13 @@ class OrthancServer:
         modalities: DICOM peers Orthanc may C-MOVE/C-STORE to, ``{name: [AET, host, port]}``.
         binary: the Orthanc executable (``Orthanc`` on the PATH, or ``/usr/sbin/Orthanc``).
         extra: more configuration keys (override the defaults).
+        users: HTTP basic-auth users ``{name: password}``: authentication is then required (as a hospital PACS
+            does) and the start-up check logs in as the first of them.
     """
 
     def __init__(self, root: str | Path, aet: str = "ORTHANC", modalities: Mapping[str, list] | None = None,
-                 binary: str | None = None, extra: Mapping[str, Any] | None = None) -> None:
+                 binary: str | None = None, extra: Mapping[str, Any] | None = None,
+                 users: Mapping[str, str] | None = None) -> None:
         self.root = Path(root)
         self.aet = aet
         self.http_port = free_port()
@@ -54,6 +57,7 @@ class OrthancServer:
         self.modalities = dict(modalities or {})
         self.binary = binary or shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         self.extra = dict(extra or {})
+        self.users = dict(users or {})
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -93,6 +97,8 @@ class OrthancServer:
             "HttpThreadsCount": 8,
             "StableAge": 1,
         }
+        if self.users:
+            cfg.update({"AuthenticationEnabled": True, "RegisteredUsers": self.users})
         cfg.update(self.extra)
         return cfg
 
@@ -119,7 +125,8 @@ class OrthancServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with code {self.proc.returncode} at start:\n{self.log_tail()}")
             try:
-                if requests.get(f"{self.url}/system", timeout=1).ok:
+                login = next(iter(self.users.items()), None)
+                if requests.get(f"{self.url}/system", timeout=1, auth=login).ok:
                     return self
             except requests.RequestException:
                 pass
