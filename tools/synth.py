@@ -11,6 +11,7 @@ Examples::
     python -m tools.synth abdomen --out data/abdomen --patients 4
     python -m tools.synth registration --out data/pairs --patients 24                 # pairs
     python -m tools.synth preview --out echo_preview.png --seed 0 --view 4CH
+    python -m tools.synth phantom --out data/phantom --videos 10 --seed 0 --motion mixed --amplitude [2,10]
 
 Generation is deterministic per seed; every generator shows a progress bar. Each command ends by writing a
 preview PNG beside the data (``preview.png``) where the generator has a plotting function.
@@ -29,7 +30,7 @@ import fire
 
 from common.data.default import SYNTHETIC_KINDS
 
-__all__ = ["echo", "acdc", "mmwhs", "abdomen", "registration", "preview", "main"]
+__all__ = ["echo", "acdc", "mmwhs", "abdomen", "registration", "phantom", "preview", "main"]
 
 ECHO_LAYOUTS = ("camus", "camus_mhd", "ted", "tracking")
 # the writers name their size argument after what they count
@@ -81,6 +82,23 @@ def registration(out: str, patients: int | None = None, seed: int = 0, **kwargs:
     return _write("registration", out, patients, seed, **kwargs)
 
 
+def phantom(out: str, videos: int = 10, seed: int = 0, motion: str = "mixed", amplitude: Any = (2.0, 10.0),
+            **kwargs: Any) -> str:
+    """Anatomy-free speckle phantoms (tracking HDF5 layout) with exact trajectories of a rotation, contraction,
+    translation or mixed motion; ``amplitude`` (peak displacement, px) and the other knobs of
+    :func:`common.data.synthetic.phantom.write_phantom_h5` take a number or a ``[low, high]`` range."""
+    writer = importlib.import_module("common.data.synthetic.phantom").write_phantom_h5
+    params = inspect.signature(writer).parameters
+    unknown = [k for k in kwargs if k not in params or k in ("root", "n_videos", "progress")]
+    if unknown:
+        raise ValueError(f"phantom: unknown option(s) {unknown}; the generator accepts {sorted(params)}")
+    t0 = time.time()
+    writer(Path(out), n_videos=int(videos), seed=int(seed), motion=motion, amplitude=amplitude, progress=True,
+           **kwargs)
+    print(f"wrote {videos} speckle phantom videos ({motion}) to {out} in {time.time() - t0:.1f} s")
+    return str(out)
+
+
 def preview(out: str = "echo_preview.png", seed: int = 0, view: str = "4CH", n_frames: int = 16) -> str:
     """Simulate one echo sequence and write a PNG of a few frames with mask contours and tracks."""
     echo_sim = importlib.import_module("common.data.synthetic.echo")
@@ -93,7 +111,7 @@ def preview(out: str = "echo_preview.png", seed: int = 0, view: str = "4CH", n_f
 def main() -> None:
     try:
         fire.Fire({"echo": echo, "acdc": acdc, "mmwhs": mmwhs, "abdomen": abdomen, "registration": registration,
-                   "preview": preview})
+                   "phantom": phantom, "preview": preview})
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -65,3 +65,20 @@ def test_cli_echo_layouts_and_preview(tmp_path, repo_root):
     proc = _synth("preview", "--out", str(png), "--n_frames", "6", cwd=repo_root)
     assert proc.returncode == 0, proc.stderr
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_phantom_writes_tracking_files_and_rejects_bad_knobs(tmp_path, repo_root):
+    from common.data.tracking import read_tracking_h5, tracking_datalist
+
+    proc = _synth("phantom", "--out", str(tmp_path / "ph"), "--videos", "2", "--seed", "3", "--motion", "rotation",
+                  "--amplitude", "[4,6]", "--image_size", "[64,64]", "--n_frames", "5", "--n_points", "6",
+                  cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr
+    dl = tracking_datalist(tmp_path / "ph", split=None)
+    assert len(dl) == 2 and all(d["view"] == "phantom" for d in dl)
+    attrs = read_tracking_h5(dl[0]["video"])
+    assert attrs["motion"] == "rotation" and 4.0 <= attrs["amplitude_px"] <= 6.0
+    proc = _synth("phantom", "--out", str(tmp_path / "bad"), "--motion", "spin", cwd=repo_root)
+    assert proc.returncode == 2 and "spin" in proc.stderr
+    proc = _synth("phantom", "--out", str(tmp_path / "bad"), "--colour", "red", cwd=repo_root)
+    assert proc.returncode == 2 and "colour" in proc.stderr
