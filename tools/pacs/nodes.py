@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,23 +82,27 @@ def with_retries(what: str, fn: Callable[[], T], attempts: int = 4, backoff: flo
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-class Node:
+class Node(ABC):
     """Interface of a source/destination (see the module docstring)."""
 
+    @abstractmethod
     def query(self, filters: dict[str, str] | None = None, since: str | None = None,
               limit: int | None = None) -> list[SeriesInfo]:
         """Series of the studies matching ``filters`` (DICOM keyword -> value) and ``StudyDate >= since``
         (YYYYMMDD), at most ``limit`` studies, in a stable order (study UID, series UID)."""
         raise NotImplementedError
 
+    @abstractmethod
     def retrieve(self, study_uid: str, series_uid: str) -> list[Dataset]:
         """The series' instances with pixel data."""
         raise NotImplementedError
 
+    @abstractmethod
     def exists(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
         """True if the instance ``sop_uid`` is stored."""
         raise NotImplementedError
 
+    @abstractmethod
     def store(self, datasets: Sequence[Dataset]) -> None:
         """Store result instances."""
         raise NotImplementedError
