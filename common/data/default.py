@@ -4,6 +4,10 @@ Bundle configs use ``default_dataset_dir(kind)`` as their ``dataset_dir`` and ``
 before building a datalist: a user-given folder is used as it is (and must exist), the default folder is generated
 on first use. Generation writes into a temporary sibling folder and renames it into place under a file lock, so
 concurrent processes (``torchrun`` ranks, parallel tests) never see a half-written dataset.
+
+Each kind has a layout version (:data:`CACHE_VERSIONS`, written into the completion marker). A cached folder written
+by an older version (e.g. tracking files without the ``centreline_ordered`` attribute that evaluation now reads) is
+regenerated on first use instead of being trusted: the new folder is built beside it and swapped in under the lock.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import fcntl
 import importlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SYNTHETIC_KINDS", "cache_root", "default_dataset_dir", "ensure_dataset", "generate_dataset"]
+__all__ = ["SYNTHETIC_KINDS", "CACHE_VERSIONS", "cache_root", "default_dataset_dir", "ensure_dataset",
+           "generate_dataset", "generate_once"]
 
 # kind -> (module, writer function, default keyword arguments); the writers take (root, **kwargs)
 SYNTHETIC_KINDS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -29,6 +35,9 @@ SYNTHETIC_KINDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "registration": ("common.data.synthetic.registration", "write_registration_pairs", {"n_pairs": 24}),
 }
 _MARKER = ".synthetic-complete"
+# layout version per kind (default 1); bump one when its writer's files change in a way readers depend on.
+# tracking 2: files carry ``centreline_ordered`` (GLS in evaluation needs it; older caches would report GLS n/a)
+CACHE_VERSIONS: dict[str, int] = {"tracking": 2}
 
 
 def cache_root() -> Path:
@@ -44,30 +53,70 @@ def default_dataset_dir(kind: str, seed: int = 0) -> str:
     return str(cache_root() / f"{kind}-seed{seed}")
 
 
-def generate_dataset(kind: str, root: str | Path, seed: int = 0, progress: bool = True, **kwargs: Any) -> Path:
-    """Generate the synthetic dataset ``kind`` into ``root`` (atomically; an existing complete folder is kept)."""
-    if kind not in SYNTHETIC_KINDS:
-        raise ValueError(f"unknown synthetic dataset kind {kind!r}; choose one of {sorted(SYNTHETIC_KINDS)}")
-    module, func, defaults = SYNTHETIC_KINDS[kind]
+def _marker_version(root: Path) -> int | None:
+    """Layout version recorded in ``root``'s completion marker (1 for markers older than versioning), or None."""
+    try:
+        text = (root / _MARKER).read_text()
+    except OSError:
+        return None
+    for token in text.split():
+        if token.startswith("version="):
+            try:
+                return int(token.split("=", 1)[1])
+            except ValueError:
+                return 1
+    return 1
+
+
+def generate_once(root: str | Path, writer: Callable[[Path], Any], description: str, version: int = 1) -> Path:
+    """Build a cached folder once: ``writer(tmp)`` fills a temporary sibling of ``root`` that is renamed into place.
+
+    A folder whose marker records ``version`` (or a newer one) is returned as is. Processes that ask for the same
+    folder at once wait on a file lock and then find it complete; an interrupted build leaves only the temporary
+    folder (redone next time). A folder with an older marker is rebuilt and swapped in; an existing folder without
+    a marker is not ours and is refused (``FileExistsError`` naming it).
+    """
     root = Path(root)
-    if (root / _MARKER).exists():
+    current = _marker_version(root)
+    if current is not None and current >= version:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # other processes wait here and then find the finished folder
-        if (root / _MARKER).exists():
+        current = _marker_version(root)
+        if current is not None and current >= version:
             return root
-        if root.exists():
+        if root.exists() and current is None:
             raise FileExistsError(
                 f"{root}: folder exists but is not a complete synthetic dataset; remove it or pass another dataset_dir"
             )
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        writer(tmp)
+        (tmp / _MARKER).write_text(f"{description} version={int(version)}\n")
+        if root.exists():  # an older layout version: move it aside, swap the new one in, then delete it
+            stale = root.parent / f".{root.name}.stale-{os.getpid()}"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(root, stale)
+            os.rename(tmp, root)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.rename(tmp, root)
+    return root
+
+
+def generate_dataset(kind: str, root: str | Path, seed: int = 0, progress: bool = True, **kwargs: Any) -> Path:
+    """Generate the synthetic dataset ``kind`` into ``root`` (atomically; an existing complete folder of the current
+    layout version is kept, an older one is regenerated)."""
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"unknown synthetic dataset kind {kind!r}; choose one of {sorted(SYNTHETIC_KINDS)}")
+    module, func, defaults = SYNTHETIC_KINDS[kind]
+
+    def write(tmp: Path) -> None:
         writer = getattr(importlib.import_module(module), func)
         writer(tmp, seed=seed, progress=progress, **{**defaults, **kwargs})
-        (tmp / _MARKER).write_text(f"{kind} seed={seed} {kwargs}\n")
-        os.rename(tmp, root)
-    return root
+
+    return generate_once(root, write, f"{kind} seed={seed} {kwargs}", CACHE_VERSIONS.get(kind, 1))
 
 
 def ensure_dataset(dataset_dir: str | Path | None, kind: str, seed: int = 0, **kwargs: Any) -> str:

@@ -5,13 +5,20 @@ Per file::
     video     (T, H, W) uint8          B-mode frames, apex at the top
     tracks    (T, N, 2) float32        (x, y) pixels; pixel (i, j) has its centre at x = j, y = i
     visible   (T, N) bool
-    attrs     fps, pixel_spacing_mm, view, ed_frame, es_frame  [gls_reference (%), patient, ... optional]
+    attrs     fps, pixel_spacing_mm, view, ed_frame, es_frame  [gls_reference (%), patient, centreline_ordered,
+              ... optional]
     labels    (T, H, W) uint8          optional (simulated data): 0 bg / 1 LV / 2 Myo / 3 LA
+
+``centreline_ordered`` (bool) declares that the N tracks are myocardial centre-line points in order along the line
+(base -> apex -> base), the only case in which the length of the polyline through them, and so GLS, means anything.
+Missing or false: GLS is not applicable to the file (evaluation reports it as such); see :func:`centreline_ordered`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,9 +26,25 @@ from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError
 from common.data.splits import patient_split, resolve_split
 
-__all__ = ["read_tracking_h5", "tracking_datalist", "TRACKING_REQUIRED_ATTRS"]
+__all__ = ["read_tracking_h5", "tracking_datalist", "centreline_ordered", "TRACKING_REQUIRED_ATTRS",
+           "CENTRELINE_ATTR"]
 
 TRACKING_REQUIRED_ATTRS = ("fps", "pixel_spacing_mm", "view", "ed_frame", "es_frame")
+CENTRELINE_ATTR = "centreline_ordered"
+
+
+def centreline_ordered(attrs: Mapping[str, Any]) -> bool:
+    """Whether a tracking file's attributes declare its tracks ordered centre-line points (``centreline_ordered``).
+
+    Only an explicit true value counts (bool, 0/1, or the strings ``true``/``false`` some writers store); a missing
+    attribute means "not declared", so GLS is not computed from arbitrary points.
+    """
+    value = attrs.get(CENTRELINE_ATTR)
+    if isinstance(value, (bool, np.bool_, int, np.integer)):
+        return bool(value)
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return False
 
 
 def _attr(value):
@@ -103,8 +126,9 @@ def tracking_datalist(root: str | Path, split: str | None = None, val_fraction: 
 
     Keys: ``video`` (path), ``id`` (file stem relative to ``root``), ``patient`` (attribute ``patient`` or the id;
     the seeded split is by patient), ``n_frames``, ``n_points``, ``fps``, ``spacing`` ([s, s] mm), ``view``,
-    ``ed``, ``es``, ``gls_reference`` (None when absent) and ``split``. ``validate`` opens every file and checks its
-    layout. Raises ``FileNotFoundError``/``DataError`` for a missing/empty folder or a bad file (named).
+    ``ed``, ``es``, ``gls_reference`` (None when absent), ``centreline_ordered`` (bool) and ``split``.
+    ``validate`` opens every file and checks its layout. Raises ``FileNotFoundError``/``DataError`` for a
+    missing/empty folder or a bad file (named).
 
     With ``ledger`` (evaluation) a file of the requested subset that cannot be opened or checked is recorded there
     (stage ``datalist``, input the file) and left out instead (:func:`common.data.cases.build_cases`). Its patient
@@ -134,7 +158,8 @@ def tracking_datalist(root: str | Path, split: str | None = None, val_fraction: 
                           "n_points": info["n_points"], "fps": float(a["fps"]),
                           "spacing": [float(a["pixel_spacing_mm"])] * 2, "view": str(a["view"]),
                           "ed": int(a["ed_frame"]), "es": int(a["es_frame"]),
-                          "gls_reference": float(gls) if gls is not None else None})
+                          "gls_reference": float(gls) if gls is not None else None,
+                          "centreline_ordered": centreline_ordered(a)})
         return entry
 
     # the split needs every file's patient (a header attribute): unreadable files are set aside with their error

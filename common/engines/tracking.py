@@ -7,12 +7,17 @@ impartial-motion augmentation (:func:`common.transforms.video.impartial_motion_a
 ``augment``; ``augment=False`` is the paper's baseline training (clips and query frame only). Validation queries
 every video at ``int(0.72 T)`` (diastasis).
 
-Evaluation (:class:`TrackingEvaluator` + :class:`TrackingMetrics` + :class:`TrackingReport`): per video the
+Evaluation lives in :mod:`common.engines.tracking_eval` (its public names are re-exported here, so configs name
+``common.engines.tracking.TrackingEvaluator`` etc.). Evaluation (:class:`TrackingEvaluator` +
+:class:`TrackingMetrics` + :class:`TrackingReport`): per video the
 features are computed once and tracked from the validation query frame (timed: AIT; peak memory: PGM) and, for the
 temporal-invariance curve, from query frames at phases ``0 .. 100 %`` of the video. TAP-Vid ``delta_x`` for
 ``x in (1, 2, 4, 8, 16)`` at 256 x 256, ``delta_avg`` and MTE (query frame excluded) in the original video's pixel
-grid, the zero-motion baseline (tracks = query points), GLS against the reference GLS stored with each video (MAD),
-per dataset and overall.
+grid, the zero-motion baseline (tracks = query points), GLS against the reference GLS stored with each video (MAD)
+for the videos whose files declare ordered centre-line points (attribute ``centreline_ordered``; otherwise GLS is
+reported as not applicable), per dataset and overall. For a SpeckNet, the same encoding is also tracked with the
+soft-argmax radius of 5 read in the other unit (5 finest-grid cells vs 5 input pixels), reported as
+``radius_variants`` (:data:`RADIUS_VARIANTS`).
 
 Inference (:class:`LoadVideod`, :class:`QueryPointsd`, :class:`TrackingPredictionWriter`): a video (HDF5, NIfTI
 2D+t, MetaImage, multi-frame DICOM) and query points given in a JSON/CSV file, or derived as ``n_points``
@@ -30,8 +35,9 @@ Choices the paper does not state
 --------------------------------
 1. Epoch: every training video contributes as many clips per epoch as it has ~50 %-overlap segments (the paper's
    "8,620 clips" from 1,922 videos); each draw picks one segment at random (:func:`expand_by_segments`).
-2. Frame skipping is capped so that at least ``skip_min_frames`` (default ``clip_len // 2``) real frames remain; an
-   uncapped skip of 5 leaves a 40-frame video with 7 frames and a clip of mostly padding.
+2. Frame skipping is uniform in ``0..max_skip`` (5) and not capped, as the paper specifies: a skip of 5 leaves a
+   40-frame video with 7 frames, and the clip is padded with invisible frames (no loss there). An optional cap,
+   ``skip_min_frames``, keeps at least that many real frames (off by default).
 3. Points not visible on their query frame get no loss and no metric (their query location is not tissue).
 4. Videos are resized to ``image_size`` (512 in the paper) after augmentation (cheaper for upsampled clips); the
    intensities of 8-bit videos map to ``[-1, 1]`` as ``2 u / 255 - 1``, other dtypes by the video's min/max.
@@ -43,15 +49,17 @@ Choices the paper does not state
    inside the soft-argmax window; SpeckNet has no visibility head.
 8. "72 % of the cycle" is ``int(0.72 T)`` of the video, which assumes the video spans one cycle (ED to ED) as the
    paper's recordings do; other recordings pass an explicit query frame.
+9. GLS is the length change of the polyline through the points, so it needs ordered myocardial centre-line points.
+   Evaluation computes it only for files with ``centreline_ordered`` true; elsewhere ``gls_mad`` is null with a
+   ``gls_note``. Inference computes it for automatic centre-line points (mask, labels), for a file's ``tracks`` only
+   when the file declares them ordered, and for a user's points file with a note that it assumes ordered centre-line
+   points (the user chose the points; nothing can check their order).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import resource
-import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,9 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ignite.metrics import Metric
 from monai.config import KeysCollection
-from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.transforms import MapTransform
 from monai.utils import CommonKeys as Keys
@@ -69,7 +75,7 @@ from torch import Tensor, nn
 
 from common.data.centreline import centreline_points_from_mask
 from common.data.io import DataError
-from common.data.tracking import read_tracking_h5
+from common.data.tracking import CENTRELINE_ATTR, centreline_ordered, read_tracking_h5
 from common.data.video_io import (
     check_query_points,
     find_videos,
@@ -80,17 +86,12 @@ from common.data.video_io import (
 from common.engines.handlers import write_json_atomic
 from common.losses.tracking import tracking_l1_loss
 from common.metrics.tracking import (
-    DELTA_THRESHOLDS,
-    TAPVID_SIZE,
     global_longitudinal_strain,
-    gls_mad,
-    tracking_metrics,
 )
 from common.networks.specknet import split_pred
 from common.transforms.video import diastasis_frame, overlapping_segments
 
 __all__ = [
-    "DEFAULT_PHASES",
     "as_bool",
     "video_to_unit",
     "scale_points",
@@ -105,20 +106,29 @@ __all__ = [
     "TrackingPredLoss",
     "GradientClipping",
     "one_cycle_scheduler",
-    "TrackingEvaluator",
-    "TrackingMetrics",
-    "TrackingReport",
-    "summarise_rows",
     "TrackingPredictionWriter",
     "plot_tracks_on_frame",
     "plot_strain_curve",
-    "plot_temporal_invariance",
     "export_tracker",
     "trace_tracker",
     "load_exported_tracker",
 ]
 
-DEFAULT_PHASES: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+# the evaluation half (common.engines.tracking_eval) imports helpers from this module, so it cannot be imported at
+# the top here; its public names are resolved on first access instead (PEP 562), which keeps every config's
+# ``common.engines.tracking.<name>`` and every ``from common.engines.tracking import <name>`` working
+_EVAL_NAMES = ("DEFAULT_PHASES", "RADIUS_VARIANTS", "RADIUS_UNITS", "GLS_NOT_APPLICABLE", "radius_label",
+               "TrackingEvaluator", "TrackingMetrics", "TrackingReport", "summarise_rows", "plot_temporal_invariance")
+__all__ += list(_EVAL_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    """Public names of :mod:`common.engines.tracking_eval`, re-exported lazily (see the comment above)."""
+    if name in _EVAL_NAMES:
+        from common.engines import tracking_eval
+
+        return getattr(tracking_eval, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,7 +226,8 @@ class LoadTrackingVideod(MapTransform):
 
     Writes ``video`` (T, H, W) float32 in [0, 1], ``tracks`` (T, N, 2) float32, ``visible`` (T, N) bool,
     ``orig_size`` (2,) int64 (H, W), ``ed``/``es`` ints, ``spacing`` (2,) float32 mm, ``gls_reference`` float (NaN
-    when absent), ``n_frames`` int, ``dataset`` str, ``id`` str and ``path`` str. Other entry keys are dropped so
+    when absent), ``centreline_ordered`` bool (GLS applies), ``n_frames`` int, ``dataset`` str, ``id`` str and
+    ``path`` str. Other entry keys are dropped so
     that every sample collates the same way.
 
     Args:
@@ -245,6 +256,7 @@ class LoadTrackingVideod(MapTransform):
             "es": int(v["es_frame"]),
             "spacing": np.array([float(v["pixel_spacing_mm"])] * 2, dtype=np.float32),
             "gls_reference": float(gls) if isinstance(gls, (int, float)) else float("nan"),
+            "centreline_ordered": centreline_ordered(v),
             "n_frames": int(t),
             "dataset": _dataset_name(entry_id, v, self.root_name),
             "id": entry_id,
@@ -258,8 +270,9 @@ class LoadVideod(MapTransform):
     Writes ``video`` (T, H, W) float32 in [0, 1], ``first_frame`` (H, W) float32 (for the overlay PNG),
     ``orig_size``, ``n_frames``, ``fps`` (NaN if unknown), ``spacing`` (2,) (NaN if unknown), ``ed``/``es`` (-1 if
     unknown), ``gls_reference`` (NaN if absent), ``id`` (file stem), ``path`` and ``source``; the HDF5 extras
-    ``tracks``/``visible``/``labels`` are kept under ``ref_tracks``/``ref_visible``/``ref_labels`` for
-    :class:`QueryPointsd` and are removed there.
+    ``tracks``/``visible``/``labels`` are kept under ``ref_tracks``/``ref_visible``/``ref_labels`` and the file's
+    ``centreline_ordered`` declaration under ``ref_centreline_ordered`` for :class:`QueryPointsd`, which removes
+    them.
     """
 
     def __init__(self, keys: KeysCollection = "image") -> None:
@@ -286,6 +299,7 @@ class LoadVideod(MapTransform):
             "id": stem,
             "path": str(vid.path),
             "source": vid.source,
+            "ref_centreline_ordered": centreline_ordered(ex),
         }
         for k in ("tracks", "visible", "labels"):
             if k in ex:
@@ -301,9 +315,26 @@ def _sidecar(folder: Path, stem: str, suffixes: Sequence[str]) -> Path | None:
     return None
 
 
+def _gls_basis(source: str, declared: bool) -> tuple[bool, str]:
+    """``(gls_applicable, gls_note)`` for query points from ``source`` (see :class:`QueryPointsd`)."""
+    if source in ("mask", "labels"):
+        return True, "centre-line points derived from the myocardium mask, ordered base -> apex -> base"
+    if source == "tracks":
+        if declared:
+            return True, f"the file's tracks, declared ordered centre-line points ({CENTRELINE_ATTR} = true)"
+        return False, (f"not applicable: the file's tracks are not declared ordered centre-line points "
+                       f"({CENTRELINE_ATTR} missing or false)")
+    return True, ("assumes the given query points are ordered along the myocardial centre line (base -> apex -> "
+                  "base); not checked")
+
+
 class QueryPointsd(MapTransform):
     """Resolve the query points of an inference video (original pixels) into ``query_points_orig`` (N, 2) and
-    ``query_frames_orig`` (N,), plus ``query_source`` (a description for the outputs).
+    ``query_frames_orig`` (N,), plus ``query_source`` (a description for the outputs) and the GLS basis:
+    ``gls_applicable`` (bool) and ``gls_note`` (why GLS of these points means what it says, or why it is not
+    computed): automatic centre-line points (mask, labels) are ordered base -> apex -> base; a file's ``tracks``
+    only when the file declares them ordered (``centreline_ordered``), else GLS is not applicable; a user's points
+    file is taken as ordered centre-line points, and the note says that this is assumed.
 
     Sources, in this order with ``source="auto"``:
 
@@ -380,6 +411,7 @@ class QueryPointsd(MapTransform):
         path = d["path"]
         order = ("points", "mask", "labels", "tracks") if self.source == "auto" else (self.source,)
         found = None
+        used = ""
         for src in order:
             if src == "points":
                 found = self._from_points(d, t)
@@ -397,6 +429,7 @@ class QueryPointsd(MapTransform):
                 pts = d["ref_tracks"][q][vis]
                 found = (pts, np.full(len(pts), q), f"{path} tracks (frame {q})")
             if found is not None:
+                used = src
                 break
         if found is None:
             raise DataError(
@@ -405,8 +438,10 @@ class QueryPointsd(MapTransform):
             )
         pts, frames, desc = found
         check_query_points(pts, frames, t, size, desc)
-        for k in ("ref_tracks", "ref_visible", "ref_labels"):
+        declared = bool(d.get("ref_centreline_ordered", False))
+        for k in ("ref_tracks", "ref_visible", "ref_labels", "ref_centreline_ordered"):
             d.pop(k, None)
+        d["gls_applicable"], d["gls_note"] = _gls_basis(used, declared)
         d["query_points_orig"] = np.asarray(pts, dtype=np.float32)
         d["query_frames_orig"] = np.asarray(frames, dtype=np.int64)
         d["query_source"] = desc
@@ -594,251 +629,6 @@ def one_cycle_scheduler(optimizer: torch.optim.Optimizer, max_lr: float, epochs:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# evaluation / inference engine
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if hasattr(network, "module") and not hasattr(network, "encode") else network
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-class TrackingEvaluator(SupervisedEvaluator):
-    """A ``SupervisedEvaluator`` for point tracking: one encoder pass per video, tracking from the sample's query
-    points (timed) and, with ``phases``, from the reference tracks at query frames ``int(p T)``.
-
-    Takes the same arguments as ``SupervisedEvaluator`` plus ``phases`` (fractions of the video, e.g.
-    :data:`DEFAULT_PHASES`; empty: no temporal-invariance sweep). ``decollate`` defaults to False (outputs are
-    whole videos). The network must be a SpeckNet (``encode``/``track``), possibly wrapped in DDP.
-
-    ``engine.state.output`` holds ``pred`` (B, T, N, 3) in network pixels (on CPU), ``time_s`` (seconds of the
-    timed forward), ``peak_memory_bytes`` and, with ``phases``, ``phase_preds`` = ``{p: (pred (B, T, N, 3), q)}``.
-    """
-
-    def __init__(self, *args: Any, phases: Sequence[float] = (), decollate: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, decollate=decollate, **kwargs)
-        self.phases = tuple(float(p) for p in phases)
-        for p in self.phases:
-            diastasis_frame(1, p)
-
-    def _iteration(self, engine: Any, batchdata: dict) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        device = torch.device(engine.state.device)
-        image = batchdata["image"].to(device=device, dtype=torch.float32)
-        qp = batchdata["query_points"].to(device=device, dtype=torch.float32)
-        qf = batchdata["query_frames"].to(device=device, dtype=torch.long)
-        net = _unwrap(engine.network)
-        size = (int(image.shape[-2]), int(image.shape[-1]))
-        video = image.transpose(1, 2)  # (B, C, T, H, W) -> (B, T, C, H, W)
-        with engine.mode(engine.network), torch.no_grad():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            feats = net.encode(video)
-            out = net.track(feats, qp, qf, size)
-            _sync(device)
-            elapsed = time.perf_counter() - t0
-            peak = _peak_memory_bytes(device)
-            pred = torch.cat([out["tracks"], out["confidence"][..., None]], -1).cpu()
-            phase_preds = {}
-            if self.phases and "label" in batchdata:
-                label = batchdata["label"].to(device=device, dtype=torch.float32)
-                t = label.shape[1]
-                for p in self.phases:
-                    q = diastasis_frame(t, p)
-                    o = net.track(feats, label[:, q, :, :2], q, size)
-                    phase_preds[p] = (torch.cat([o["tracks"], o["confidence"][..., None]], -1).cpu(), q)
-        engine.state.output = {Keys.PRED: pred, "time_s": elapsed, "peak_memory_bytes": peak,
-                               "phase_preds": phase_preds}
-        if "label" in batchdata:
-            engine.state.output[Keys.LABEL] = batchdata["label"]
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
-
-
-def _gather_rows(rows: list[dict]) -> list[dict]:
-    """Concatenate per-rank row lists in rank order (the order MetricsSaver uses for file names), once per video."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, rows)
-    # an evenly divisible DistributedSampler repeats videos to fill the last rank: count each video once
-    seen: set[str] = set()
-    out = []
-    for r in (r for part in parts for r in part):
-        if r["id"] not in seen:
-            seen.add(r["id"])
-            out.append(r)
-    return out
-
-
-def _to_orig(pred_xy: Tensor, size_net: tuple[int, int], orig_size: Sequence[int]) -> np.ndarray:
-    return scale_points(pred_xy.double().numpy(), size_net, orig_size)
-
-
-def _metric_pair(pred: np.ndarray, ref: np.ndarray, vis: np.ndarray, q: int, size: Sequence[int],
-                 thresholds: Sequence[float]) -> dict:
-    """tracking_metrics with trajectories invisible on the query frame excluded (their query is not tissue)."""
-    vis = vis & vis[q][None, :]
-    if not vis.any():
-        return {}
-    return tracking_metrics(pred, ref, vis, q, tuple(int(s) for s in size), thresholds=thresholds)
-
-
-class TrackingMetrics(Metric):
-    """Ignite metric over a :class:`TrackingEvaluator` epoch: TAP-Vid metrics, zero-motion baseline, AIT, PGM,
-    GLS MAD, the temporal-invariance curve and per-dataset tables.
-
-    ``compute()`` returns a dict of scalars that ignite flattens into ``engine.state.metrics``: ``delta_1`` ..
-    ``delta_16``, ``delta_avg``, ``mte``, ``zero_motion_delta_avg``, ``zero_motion_mte``, ``ait_s``, ``pgm_gb``,
-    ``n_videos`` and, when references exist, ``gls_mad``. Register it under the name ``delta_avg`` to use
-    ``delta_avg`` as key metric. On completion it also sets ``engine.state.metric_details`` (per-video columns, for
-    MONAI's ``MetricsSaver``) and ``engine.state.tracking_report`` (per-video rows, per-dataset table,
-    temporal-invariance curve). In distributed evaluation the rows of all ranks are gathered (rank order).
-
-    Args:
-        thresholds: ``delta_x`` thresholds (256-scale pixels).
-        compute_gls: compute GLS of the predicted tracks (assumes ordered centre-line points).
-    """
-
-    def __init__(self, thresholds: Sequence[float] = DELTA_THRESHOLDS, compute_gls: bool = True) -> None:
-        self.thresholds = tuple(thresholds)
-        self.compute_gls = bool(compute_gls)
-        self._rows: list[dict] = []
-        self._all_rows: list[dict] = []
-        super().__init__(output_transform=lambda out: out, device="cpu", metrics_result_mode="flatten")
-
-    def reset(self) -> None:
-        self._rows = []
-
-    def iteration_completed(self, engine: Any) -> None:
-        # the rows need the batch (reference tracks, sizes, ids) as well as the output, so read the engine directly
-        self.update(engine)
-
-    def completed(self, engine: Any, name: str) -> None:
-        super().completed(engine, name)
-        self.publish(engine)
-
-    # -- per iteration
-    def update(self, engine: Any) -> None:
-        out, batch = engine.state.output, engine.state.batch
-        pred_all = out[Keys.PRED]
-        size_net = (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
-        for b in range(pred_all.shape[0]):
-            n = int(batch["n_points"][b]) if "n_points" in batch else pred_all.shape[2]
-            orig = [int(v) for v in batch["orig_size"][b]]
-            ref = batch["tracks"][b, :, :n].double().numpy()
-            vis = batch["visible"][b, :, :n].numpy().astype(bool)
-            q = int(batch["query_frames"][b, 0])
-            pred = _to_orig(pred_all[b, :, :n, :2], size_net, orig)
-            row: dict[str, Any] = {"id": batch["id"][b], "dataset": batch["dataset"][b], "n_frames": int(ref.shape[0]),
-                                   "n_points": n, "query_frame": q, "time_s": float(out["time_s"]) / pred_all.shape[0],
-                                   "peak_memory_bytes": int(out["peak_memory_bytes"])}
-            m = _metric_pair(pred, ref, vis, q, orig, self.thresholds)
-            row.update({k: float(v) for k, v in m.items()})
-            zero = np.broadcast_to(ref[q], ref.shape)
-            mz = _metric_pair(zero, ref, vis, q, orig, self.thresholds)
-            if mz:
-                row["zero_motion_delta_avg"], row["zero_motion_mte"] = float(mz["delta_avg"]), float(mz["mte"])
-            row["mean_confidence"] = float(pred_all[b, :, :n, 2].mean())
-            if self.compute_gls and n >= 2:
-                ed, es = int(batch["ed"][b]), int(batch["es"][b])
-                spacing = [float(s) for s in batch["spacing"][b]]
-                try:
-                    res = global_longitudinal_strain(pred, ed_frame=ed, es_frame=es, spacing=spacing)
-                    row["gls"] = res.gls
-                except ValueError:
-                    row["gls"] = float("nan")
-                row["gls_reference"] = float(batch["gls_reference"][b])
-            for p, (pp, qp) in out.get("phase_preds", {}).items():
-                mp = _metric_pair(_to_orig(pp[b, :, :n, :2], size_net, orig), ref, vis, qp, orig, self.thresholds)
-                if mp:
-                    row[f"phase_{p:.2f}_delta_avg"] = float(mp["delta_avg"])
-                    row[f"phase_{p:.2f}_mte"] = float(mp["mte"])
-            self._rows.append(row)
-
-    # -- per epoch
-    def compute(self) -> dict:
-        rows = _gather_rows(self._rows)
-        self._all_rows = rows
-        if not rows:
-            raise RuntimeError("TrackingMetrics: no video was evaluated (empty evaluation set?)")
-        out: dict[str, float] = {}
-        keys = [f"delta_{t:g}" for t in self.thresholds] + ["delta_avg", "mte", "zero_motion_delta_avg",
-                                                            "zero_motion_mte"]
-        for k in keys:
-            vals = [r[k] for r in rows if k in r and math.isfinite(r[k])]
-            if vals:
-                out[k] = float(np.mean(vals))
-        out["ait_s"] = float(np.mean([r["time_s"] for r in rows]))
-        out["pgm_gb"] = float(max(r["peak_memory_bytes"] for r in rows) / 1e9)
-        out["n_videos"] = float(len(rows))
-        pairs = [(r["gls"], r["gls_reference"]) for r in rows
-                 if "gls" in r and math.isfinite(r["gls"]) and math.isfinite(r.get("gls_reference", float("nan")))]
-        if pairs:
-            out["gls_mad"] = gls_mad([p[0] for p in pairs], [p[1] for p in pairs])
-        return out
-
-    def publish(self, engine: Any) -> None:
-        rows = self._all_rows
-        details = {}
-        for k in ("delta_avg", "mte", "gls"):
-            details[k] = torch.tensor([[r.get(k, float("nan"))] for r in rows], dtype=torch.float64)
-        if not hasattr(engine.state, "metric_details") or engine.state.metric_details is None:
-            engine.state.metric_details = {}
-        engine.state.metric_details.update(details)
-        engine.state.tracking_report = summarise_rows(rows)
-
-
-def _mean(vals: list[float]) -> float | None:
-    vals = [v for v in vals if v is not None and math.isfinite(v)]
-    return float(np.mean(vals)) if vals else None
-
-
-def summarise_rows(rows: list[dict]) -> dict:
-    """Per-dataset means, the temporal-invariance curve (overall and per dataset) and the per-video rows."""
-    datasets = sorted({r["dataset"] for r in rows})
-    metric_keys = ["delta_1", "delta_2", "delta_4", "delta_8", "delta_16", "delta_avg", "mte", "zero_motion_delta_avg",
-                   "zero_motion_mte", "time_s", "gls"]
-    per_dataset = {}
-    for ds in datasets:
-        sub = [r for r in rows if r["dataset"] == ds]
-        entry = {k: _mean([r.get(k, float("nan")) for r in sub]) for k in metric_keys}
-        entry["n_videos"] = len(sub)
-        entry["peak_memory_gb"] = max(r["peak_memory_bytes"] for r in sub) / 1e9
-        pairs = [(r["gls"], r["gls_reference"]) for r in sub
-                 if math.isfinite(r.get("gls", float("nan"))) and math.isfinite(r.get("gls_reference", float("nan")))]
-        entry["gls_mad"] = gls_mad([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
-        per_dataset[ds] = entry
-    phases = sorted({float(k.split("_")[1]) for r in rows for k in r if k.startswith("phase_") and
-                     k.endswith("_delta_avg")})
-    curve = []
-    for p in phases:
-        row = {"phase": p, "delta_avg": _mean([r.get(f"phase_{p:.2f}_delta_avg", float("nan")) for r in rows]),
-               "mte": _mean([r.get(f"phase_{p:.2f}_mte", float("nan")) for r in rows])}
-        for ds in datasets:
-            sub = [r for r in rows if r["dataset"] == ds]
-            row[f"{ds}/delta_avg"] = _mean([r.get(f"phase_{p:.2f}_delta_avg", float("nan")) for r in sub])
-            row[f"{ds}/mte"] = _mean([r.get(f"phase_{p:.2f}_mte", float("nan")) for r in sub])
-        curve.append(row)
-    return {"per_dataset": per_dataset, "temporal_invariance": curve, "per_video": rows}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # reports and plots
 
 
@@ -907,127 +697,6 @@ def plot_strain_curve(strain: np.ndarray, out_png: str | Path, fps: float | None
     return save_figure(fig, out_png, dpi=120)
 
 
-def plot_temporal_invariance(curve: Sequence[Mapping], out_png: str | Path, title: str = "") -> Path:
-    """PNG of delta_avg (top) and MTE (bottom) against the query-frame phase (paper Fig. 2/8), per dataset."""
-    from common.plotting import save_figure, subplots
-    fig, (a1, a2) = subplots(2, 1, figsize=(6.5, 5.5), sharex=True)
-    phases = [100.0 * r["phase"] for r in curve]
-    series = sorted({k.split("/")[0] for r in curve for k in r if "/" in k})
-    series = series if len(series) > 1 else []  # one dataset: its curve is the overall one
-    for name, style in [("all videos", "-o")] + [(s, "--.") for s in series]:
-        key = "" if name == "all videos" else f"{name}/"
-        d = [r.get(f"{key}delta_avg") for r in curve]
-        m = [r.get(f"{key}mte") for r in curve]
-        a1.plot(phases, [np.nan if v is None else v for v in d], style, label=name)
-        a2.plot(phases, [np.nan if v is None else v for v in m], style, label=name)
-    a1.set_ylabel("delta_avg (%)")
-    a2.set_ylabel("MTE (px @ 256)")
-    a2.set_xlabel("query frame phase (% of the video)")
-    a1.axvline(72, color="gray", lw=0.6, ls=":")
-    a2.axvline(72, color="gray", lw=0.6, ls=":")
-    a1.legend(fontsize=7)
-    a1.set_title(title or "temporal invariance: accuracy vs query-frame phase", fontsize=9)
-    return save_figure(fig, out_png, dpi=120)
-
-
-class TrackingReport:
-    """Evaluation report: per-video CSV, temporal-invariance CSV + PNG, GLS scatter PNG and track overlays of the
-    first ``n_png`` videos (prediction vs reference over frame 0). ``summary(engine)`` gives the dict for
-    :class:`common.engines.handlers.MetricsJSONWriter` (``extra``).
-
-    Args:
-        output_dir: report folder.
-        n_png: number of videos with an overlay PNG.
-        save_rank: only this rank writes.
-    """
-
-    def __init__(self, output_dir: str, n_png: int = 2, save_rank: int = 0) -> None:
-        self.output_dir = Path(output_dir)
-        self.n_png = int(n_png)
-        self.save_rank = save_rank
-        self._overlays: list[dict] = []
-        self.paths: dict[str, str] = {}
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._overlays.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._grab)
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def _grab(self, engine: Any) -> None:
-        if len(self._overlays) >= self.n_png:
-            return
-        batch, out = engine.state.batch, engine.state.output
-        size_net = (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
-        n = int(batch["n_points"][0]) if "n_points" in batch else out[Keys.PRED].shape[2]
-        orig = [int(v) for v in batch["orig_size"][0]]
-        frame = batch["image"][0, 0, 0].numpy() * 0.5 + 0.5
-        # the overlay is drawn on the network-size frame, so the tracks are shown in network pixels
-        self._overlays.append({"id": batch["id"][0], "frame": frame, "orig": orig,
-                               "pred": out[Keys.PRED][0, :, :n, :2].numpy(),
-                               "ref": batch["label"][0, :, :n, :2].numpy() if "label" in batch else None,
-                               "q": int(batch["query_frames"][0, 0]), "size": size_net})
-
-    def __call__(self, engine: Any) -> None:
-        from monai.utils import min_version, optional_import
-
-        idist, _ = optional_import("ignite", "0.4.10", min_version, "distributed")
-        if idist.get_rank() != self.save_rank:
-            return
-        report = getattr(engine.state, "tracking_report", None)
-        if report is None:
-            raise RuntimeError("TrackingReport: no tracking_report on the engine state; attach TrackingMetrics")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        rows = report["per_video"]
-        cols = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("id", "dataset"), k))
-        per_video = self.output_dir / "per_video.csv"
-        with open(per_video, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=cols)
-            wr.writeheader()
-            wr.writerows(rows)
-        self.paths["per_video_csv"] = str(per_video)
-        curve = report["temporal_invariance"]
-        if curve:
-            ti = self.output_dir / "temporal_invariance.csv"
-            with open(ti, "w", newline="") as f:
-                wr = csv.DictWriter(f, fieldnames=list(curve[0].keys()))
-                wr.writeheader()
-                wr.writerows(curve)
-            self.paths["temporal_invariance_csv"] = str(ti)
-            self.paths["temporal_invariance_png"] = str(
-                plot_temporal_invariance(curve, self.output_dir / "temporal_invariance.png"))
-        pairs = [(r["gls_reference"], r["gls"]) for r in rows if math.isfinite(r.get("gls", float("nan")))
-                 and math.isfinite(r.get("gls_reference", float("nan")))]
-        if pairs:
-            self.paths["gls_png"] = str(self._plot_gls(pairs))
-        for ov in self._overlays:
-            png = self.output_dir / f"tracks_{Path(ov['id']).name}.png"
-            plot_tracks_on_frame(ov["frame"], ov["pred"], png, ov["q"], ov["ref"],
-                                 title=f"{ov['id']}: prediction (colour) vs reference (green)")
-            self.paths.setdefault("track_pngs", []).append(str(png))  # type: ignore[union-attr]
-        engine.logger.info(f"tracking report written to {self.output_dir}")
-
-    def _plot_gls(self, pairs: list[tuple[float, float]]) -> Path:
-        from common.plotting import save_figure, subplots
-        ref, est = np.array(pairs).T
-        fig, ax = subplots(figsize=(4.2, 4.0))
-        lo, hi = float(min(ref.min(), est.min())) - 2, float(max(ref.max(), est.max())) + 2
-        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
-        ax.scatter(ref, est, s=14)
-        ax.set_xlabel("reference GLS (%)")
-        ax.set_ylabel("tracked GLS (%)")
-        ax.set_title(f"GLS: MAD {np.mean(np.abs(est - ref)):.2f} %", fontsize=9)
-        return save_figure(fig, self.output_dir / "gls.png", dpi=120)
-
-    def summary(self, engine: Any) -> dict:
-        """Extra entries of ``metrics.json``: per-dataset table, temporal-invariance curve, report files."""
-        report = getattr(engine.state, "tracking_report", {}) or {}
-        return {"per_dataset": report.get("per_dataset", {}), "temporal_invariance": report.get("temporal_invariance",
-                                                                                                   []),
-                "report_files": dict(self.paths), "tapvid_size": TAPVID_SIZE}
-
-
 class TrackingPredictionWriter:
     """Inference outputs per video under ``output_dir/<video stem>/``:
 
@@ -1038,7 +707,9 @@ class TrackingPredictionWriter:
     * ``<stem>_tracks.png`` (tracks over the first frame) and ``<stem>_strain.png`` (strain curve).
 
     At the end ``output_dir/inference_summary.json`` lists every video with its GLS and files.
-    GLS assumes the points are ordered along the myocardial centre line (as the automatic query points are).
+    GLS assumes the points are ordered along the myocardial centre line (as the automatic query points are): it is
+    computed when the sample's ``gls_applicable`` is true (:class:`QueryPointsd`; a pipeline without it is treated as
+    applicable) and ``gls_note`` (JSON, HDF5 attribute) says on what basis, or why it is null.
 
     Args:
         output_dir: output folder.
@@ -1110,7 +781,10 @@ class TrackingPredictionWriter:
         gls_ref = float(batch["gls_reference"][b])
         strain = lengths = None
         gls = es = None
-        if tracks.shape[1] >= 2:
+        applicable = bool(batch["gls_applicable"][b]) if "gls_applicable" in batch else True
+        gls_note = str(batch["gls_note"][b]) if "gls_note" in batch else (
+            "assumes the points are ordered along the myocardial centre line; not checked")
+        if applicable and tracks.shape[1] >= 2:
             try:
                 res = global_longitudinal_strain(tracks, ed_frame=ed, es_frame=es_known, spacing=spacing or 1.0)
                 gls, es, strain, lengths = res.gls, res.es_frame, res.strain, res.lengths
@@ -1128,7 +802,7 @@ class TrackingPredictionWriter:
             "es_frame_source": "file" if es_known is not None else ("minimal centre-line length" if es is not None
                                                                      else None),
             "gls_percent": gls, "gls_reference_percent": gls_ref if math.isfinite(gls_ref) else None,
-            "visibility_threshold": self.threshold, "inference_time_s": time_s,
+            "gls_note": gls_note, "visibility_threshold": self.threshold, "inference_time_s": time_s,
             "coordinates": "(x, y) pixels of the input video; pixel [row, col] is centred at (x=col, y=row)",
         }
         tmp = Path(files["h5"] + ".tmp")
@@ -1166,9 +840,10 @@ class TrackingPredictionWriter:
                                                             gls_ref if math.isfinite(gls_ref) else None, title=stem))
         payload["files"] = files
         _write_compact_json(files["json"], payload)
-        return {"id": vid, "video": meta["video"], "gls_percent": gls, "gls_reference_percent": meta[
-            "gls_reference_percent"], "n_points": meta["n_points"], "query_source": meta["query_source"],
-                "inference_time_s": time_s, "files": files}
+        return {"id": vid, "video": meta["video"], "gls_percent": gls,
+                "gls_reference_percent": meta["gls_reference_percent"], "gls_note": gls_note,
+                "n_points": meta["n_points"], "query_source": meta["query_source"], "inference_time_s": time_s,
+                "files": files}
 
     def finish(self, engine: Any) -> None:
         path = self.output_dir / "inference_summary.json"

@@ -20,6 +20,9 @@ Global longitudinal strain (paper Sec. 5.2, METHODS.md §4):
   pixel spacing, else pixels), ``strain(t) = 100 * (L_t - L_ED) / L_ED`` (the strain curve, %),
   ``GLS = strain(ES)`` with ED the first frame and ES the frame of minimal length unless given.
 * :func:`gls_mad` is the mean absolute deviation between GLS values and a reference (percentage points).
+* The polyline length depends on the order of the points, so GLS means something only for ordered centre-line
+  points. These functions cannot check that; callers decide (the tracking workflow reads the tracking file's
+  ``centreline_ordered`` attribute and reports GLS as not applicable without it).
 
 Choices the paper does not state
 --------------------------------

@@ -20,7 +20,8 @@ Data flow for one frame ``(C, H, W)`` with intensities in ``[-1, 1]``:
    scale; cosine cost volume against every frame at each scale; paper form ``((c + 1) / 2) ** 15`` (or the authors'
    later ``c ** 4`` per scale, product squared); upsampling to the finest grid; product over scales; hard argmax,
    then a soft-argmax inside a disc of radius 5 finest-grid cells; scaling to input pixels. This is the shared op
-   :func:`common.ops.cost_volume.cost_volume_track` (its docstring fixes every convention).
+   :func:`common.ops.cost_volume.cost_volume_track` (its docstring fixes every convention). With ``search`` other
+   than ``"global"`` the hard argmax is restricted to a search window (a locality prior, see choice 13).
 6. On its query frame a point returns the query point itself, bit for bit, with confidence 1.
 
 Pre-activation residual block (ResNet v2, as TAP-Net's ``BlockV2``)::
@@ -82,7 +83,7 @@ Choices the paper does not state
 8. Points may have different query frames within a video (``query_frames`` is ``(B, N)``); the paper's setting
    (one query frame per video) is the special case of a constant row.
 9. Input sizes other than 512 are accepted (multiples of 16); the feature grids and the soft-argmax window scale
-   with them, so the radius in input pixels is ``5 * 8 = 40`` whatever the size.
+   with them, so the radius in input pixels is ``5 * 8 = 40`` whatever the size (with ``radius_unit="cells"``).
 10. API coordinates use the data pipeline's pixel-centre convention (centres at integers); the network adds 0.5
     before the op and subtracts it after, and writes the query points back on their query frames itself so they
     are returned bit for bit.
@@ -90,10 +91,24 @@ Choices the paper does not state
     inference and a random frame per clip in training (their business, not the network's).
 12. The network does not rescale intensities: mapping to ``[-1, 1]`` (and resizing to 512) is the data pipeline's
     job, so the same network serves any input size the bundle chooses.
+13. Search (not in the paper, whose argmax is global): ``search="global"`` is the paper and the default;
+    ``"chained"`` searches each frame in a ``|dy|, |dx| <= search_radius`` window around the point's estimate in the
+    neighbouring frame, chained outward from its query frame in both directions, so a point cannot jump to distant
+    look-alike speckle; ``"coarse_to_fine"`` centres that window on the coarsest scale's argmax. The settings are
+    plain attributes (no parameters or buffers), so one checkpoint serves every mode, and :meth:`SpeckNet.track`
+    takes per-call overrides.
+14. Radius units: the paper's "five-pixel radius" is ambiguous between input pixels and feature cells; the
+    soft-argmax ``radius`` is in finest-grid cells by default (``radius_unit="cells"``: 5 cells = 40 input pixels,
+    the authors' code) and in input pixels with ``radius_unit="pixels"`` (divided by the finest feature stride,
+    ``feature_strides[0]`` = 8, before the op; 5 pixels = 0.625 cells: the disc holds the argmax cell alone).
+    ``search_radius`` is always in finest-grid cells (it bounds the hard argmax, whose resolution is one cell), so
+    switching the soft-argmax unit never changes the search window.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,6 +122,8 @@ __all__ = ["PreActBlock", "PreActBlockGroup", "SpeckNet", "SpeckNetBundleAdapter
 
 # The op's pixel centres sit at i + 0.5, the data pipeline's at i.
 _OP_OFFSET = 0.5
+_SEARCHES = ("global", "chained", "coarse_to_fine")
+_RADIUS_UNITS = ("cells", "pixels")
 
 
 class PreActBlock(nn.Module):
@@ -181,7 +198,16 @@ class SpeckNet(nn.Module):
         unshuffle: pixel-unshuffle factor in front of the stem.
         form: cost form of the op, ``"paper"`` (``((c + 1) / 2) ** gamma``) or ``"authors"`` (``c ** 4``, squared).
         gamma: exponent of the paper form.
-        radius: soft-argmax window radius in finest-grid cells (strict ``<``).
+        radius: soft-argmax window radius (strict ``<``), in ``radius_unit``.
+        search: where the hard argmax may fall: ``"global"`` (the whole frame, the paper), ``"chained"`` (a
+            window around the point's estimate in the neighbouring frame, chained outward from its query frame) or
+            ``"coarse_to_fine"`` (a window around the coarsest scale's argmax); see
+            :func:`~common.ops.cost_volume.cost_volume_track`.
+        search_radius: half-width of the square search window (``|dy|, |dx| <= search_radius``) in finest-grid
+            cells, at least 1. Unused by ``"global"``.
+        radius_unit: unit of ``radius``: ``"cells"`` (finest feature-grid cells, 8 input pixels by default) or
+            ``"pixels"`` (input pixels, divided by the finest feature stride before the op; the paper's "five-pixel
+            radius").
         chunk_frames: frames per chunk of the op (memory knob; results do not depend on it).
         chunk_points: query points per chunk of the op.
         encoder_chunk_frames: encode at most this many frames at once (0: all ``B * T`` frames in one call); results do
@@ -204,6 +230,9 @@ class SpeckNet(nn.Module):
         form: str = "paper",
         gamma: float = 15.0,
         radius: float = 5.0,
+        search: str = "global",
+        search_radius: float = 4.0,
+        radius_unit: str = "cells",
         chunk_frames: int = 8,
         chunk_points: int = 64,
         encoder_chunk_frames: int = 0,
@@ -224,8 +253,8 @@ class SpeckNet(nn.Module):
             raise ValueError(f"SpeckNet: feature_groups must be distinct indices in [0, {num_groups}), got {groups}")
         if form not in ("paper", "authors"):
             raise ValueError(f"SpeckNet: form must be 'paper' or 'authors', got {form!r}")
-        if not (gamma > 0 and radius > 0):
-            raise ValueError(f"SpeckNet: gamma and radius must be positive, got {gamma}, {radius}")
+        if not gamma > 0:
+            raise ValueError(f"SpeckNet: gamma must be positive, got {gamma}")
         if chunk_frames < 1 or chunk_points < 1 or encoder_chunk_frames < 0:
             raise ValueError(
                 f"SpeckNet: chunk sizes must be >= 1 (encoder_chunk_frames >= 0), got {chunk_frames}, "
@@ -239,7 +268,6 @@ class SpeckNet(nn.Module):
         self.feature_groups = groups
         self.form = form
         self.gamma = float(gamma)
-        self.radius = float(radius)
         self.chunk_frames = int(chunk_frames)
         self.chunk_points = int(chunk_points)
         self.encoder_chunk_frames = int(encoder_chunk_frames)
@@ -266,6 +294,13 @@ class SpeckNet(nn.Module):
                 f"strides {self.feature_strides} for feature_groups {groups}"
             )
         self.size_multiple = max(self.group_strides)
+        # validated through the same checks as the per-call overrides of track(); plain attributes, no buffers, so
+        # checkpoints stay interchangeable whatever the search settings
+        self._search_settings(radius, radius_unit, search, search_radius)
+        self.radius = float(radius)
+        self.radius_unit = radius_unit
+        self.search = search
+        self.search_radius = float(search_radius)
 
     # ------------------------------------------------------------------------------------------------------------
     # encoder
@@ -359,12 +394,36 @@ class SpeckNet(nn.Module):
             )
         return qf
 
+    def _search_settings(
+        self, radius: float, radius_unit: str, search: str, search_radius: float
+    ) -> tuple[float, str, float]:
+        """Validate the search settings; return ``(radius, search, search_radius)`` in finest-grid cells."""
+        if radius_unit not in _RADIUS_UNITS:
+            raise ValueError(f"SpeckNet: radius_unit must be one of {_RADIUS_UNITS}, got {radius_unit!r}")
+        if search not in _SEARCHES:
+            raise ValueError(f"SpeckNet: search must be one of {_SEARCHES}, got {search!r}")
+        for name, value in (("radius", radius), ("search_radius", search_radius)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"SpeckNet: {name} must be a finite positive number, got {value!r}")
+        stride = self.feature_strides[0] if radius_unit == "pixels" else 1
+        cells, search_cells = float(radius) / stride, float(search_radius)
+        if search != "global" and search_cells < 1:
+            raise ValueError(
+                f"SpeckNet: search_radius={search_radius} finest-grid cells; the search window needs at least 1 cell"
+            )
+        return cells, search, search_cells
+
     def track(
         self,
         features: Sequence[Tensor],
         query_points: Tensor,
         query_frames: Tensor | int | None,
         image_size: tuple[int, int],
+        *,
+        radius: float | None = None,
+        radius_unit: str | None = None,
+        search: str | None = None,
+        search_radius: float | None = None,
     ) -> dict[str, Tensor]:
         """Track query points through precomputed features (reuse one :meth:`encode` for several query sets).
 
@@ -373,6 +432,9 @@ class SpeckNet(nn.Module):
             query_points: (B, N, 2) ``(x, y)`` input pixels, pixel centres at integers.
             query_frames: (B, N) or (B,) integer query frame per point (or per video), an int, or None (frame 0).
             image_size: (H, W) of the input video.
+            radius, radius_unit, search, search_radius: per-call overrides of the module's settings (None: the
+                module's), e.g. to report the soft-argmax in cells and in pixels from one encoding. ``radius`` is read
+                in the effective ``radius_unit``; ``search_radius`` is always in finest-grid cells.
 
         Returns:
             ``{"tracks": (B, T, N, 2), "confidence": (B, T, N)}``; ``tracks[b, query_frames[b, n], n]`` equals
@@ -389,20 +451,32 @@ class SpeckNet(nn.Module):
         n = query_points.shape[1]
         if query_points.shape[0] != b:
             raise ValueError(f"SpeckNet: query_points has batch size {query_points.shape[0]}, the video has {b}")
+        radius_cells, search, search_cells = self._search_settings(
+            self.radius if radius is None else radius,
+            self.radius_unit if radius_unit is None else radius_unit,
+            self.search if search is None else search,
+            self.search_radius if search_radius is None else search_radius,
+        )
         device = features[0].device
         qf = self._query_frames(query_frames, b, n, t, device)
         qp = query_points.to(device=device, dtype=features[0].dtype)
         op_points = qp + _OP_OFFSET
         qfeats = [_sample_on_query_frames(f, op_points, qf, image_size) for f in features]
-        # query_points/query_frames are not handed to the op: the exact replacement happens below, in the caller's
-        # convention, where (q + 0.5) - 0.5 rounding cannot disturb it
+        # the exact replacement on query frames happens below, in the caller's convention, where (q + 0.5) - 0.5
+        # rounding cannot disturb it; the op gets the query points only when the chained search starts from them
+        chained = search == "chained"
         est = cost_volume_track(
             qfeats,
             list(features),
             image_size,
             form=self.form,
             gamma=self.gamma,
-            radius=self.radius,
+            radius=radius_cells,
+            search=search,
+            # unused by "global"; a pixel setting may be under one cell there, which the op would reject
+            search_radius=search_cells if search != "global" else 4.0,
+            query_points=op_points if chained else None,
+            query_frames=qf if chained else None,
             chunk_frames=self.chunk_frames,
             chunk_points=self.chunk_points,
             backend=self.backend,

@@ -13,6 +13,13 @@ Two launches per call, nothing of size ``T x N x H x W`` written to memory:
    tiles plus left tie-break inside a tile = first index) and the running weight total. It then recomputes the
    combined weights on the soft-argmax window of each query and writes cells, confidence and argmax.
 
+3. ``_window_kernel``, grid (triples,): the windowed searches (``search="chained"``/``"coarse_to_fine"``). One
+   program per (batch, frame, point) triple of a step evaluates the ``S x S`` search window around its centre cell
+   in one block: per scale it gathers the cosines at the window's cells (coarse scales at the four bilinear source
+   cells of every window cell), max-normalises them over the window, maps and multiplies them; then the hard argmax
+   over the in-grid window cells (first index on ties), the soft-argmax disc and the confidence. The chaining
+   between steps runs on the host (:mod:`common.ops.cost_volume`).
+
 Features are L2-normalised and packed on the host (one copy of the inputs, all scales concatenated) so the kernels
 loop over scales at run time with a small metadata table. Dots use ``input_precision="ieee"``: TF32 cosines would be
 amplified by the power ``gamma``.
@@ -21,12 +28,13 @@ amplified by the power ``gamma``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["triton_available", "check_triton_runnable", "triton_track"]
+__all__ = ["triton_available", "check_triton_runnable", "triton_track", "triton_window_evaluator"]
 
 try:  # guarded: the package must import without triton (CPU-only installs)
     import triton
@@ -276,25 +284,121 @@ if _HAS_TRITON:
         tl.store(arg_ptr + out, run_idx, mask=mask_n)
 
 
+if _HAS_TRITON:
+
+    @triton.jit
+    def _window_scale_weights(q_row, d_s, f_base, p_s, hs, ws, sy, sx, same, fy, fx, mask_k, gamma,
+                              PAPER: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Weights (BLOCK_K,) of one scale at the window's fine cells (fy, fx), max-normalised over the window.
+
+        The normaliser is the maximum over the cells read: for a coarse scale the four bilinear source cells of
+        every window cell, i.e. the same block of coarse cells the PyTorch path gathers.
+        """
+        if same:
+            idx = fy * ws + fx
+            acc = tl.zeros([BLOCK_K], tl.float32)
+            for d in range(d_s):
+                acc += tl.load(q_row + d) * tl.load(f_base + d * p_s + idx, mask=mask_k, other=0.0)
+            stat_c = acc if PAPER else tl.abs(acc)
+            stat = tl.max(tl.where(mask_k, stat_c, float("-inf")), axis=0)
+            w = _map_weights(acc, stat, gamma, PAPER)
+        else:
+            y0, y1, ly = _source_index(fy, sy, hs)
+            x0, x1, lx = _source_index(fx, sx, ws)
+            a00 = tl.zeros([BLOCK_K], tl.float32)
+            a01 = tl.zeros([BLOCK_K], tl.float32)
+            a10 = tl.zeros([BLOCK_K], tl.float32)
+            a11 = tl.zeros([BLOCK_K], tl.float32)
+            for d in range(d_s):
+                qd = tl.load(q_row + d)
+                row = f_base + d * p_s
+                a00 += qd * tl.load(row + y0 * ws + x0, mask=mask_k, other=0.0)
+                a01 += qd * tl.load(row + y0 * ws + x1, mask=mask_k, other=0.0)
+                a10 += qd * tl.load(row + y1 * ws + x0, mask=mask_k, other=0.0)
+                a11 += qd * tl.load(row + y1 * ws + x1, mask=mask_k, other=0.0)
+            if PAPER:
+                m = tl.maximum(tl.maximum(a00, a01), tl.maximum(a10, a11))
+            else:
+                m = tl.maximum(tl.maximum(tl.abs(a00), tl.abs(a01)), tl.maximum(tl.abs(a10), tl.abs(a11)))
+            stat = tl.max(tl.where(mask_k, m, float("-inf")), axis=0)
+            w00 = _map_weights(a00, stat, gamma, PAPER)
+            w01 = _map_weights(a01, stat, gamma, PAPER)
+            w10 = _map_weights(a10, stat, gamma, PAPER)
+            w11 = _map_weights(a11, stat, gamma, PAPER)
+            w = (1.0 - ly) * ((1.0 - lx) * w00 + lx * w01) + ly * ((1.0 - lx) * w10 + lx * w11)
+        return w
+
+    @triton.jit
+    def _window_kernel(
+        q_ptr, f_ptr, meta_ptr, scale_ptr, pair_ptr, cells_ptr, conf_ptr, arg_ptr,
+        T, N, S, LQ, LF, H0, W0, HALF, DISC, gamma,
+        PAPER: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = tl.load(pair_ptr + pid * 5 + 0)
+        t = tl.load(pair_ptr + pid * 5 + 1)
+        n = tl.load(pair_ptr + pid * 5 + 2)
+        cy = tl.load(pair_ptr + pid * 5 + 3)
+        cx = tl.load(pair_ptr + pid * 5 + 4)
+        side = 2 * HALF + 1
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < side * side
+        wi = offs_k // side
+        wj = offs_k - wi * side
+        yy = cy - HALF + wi
+        xx = cx - HALF + wj
+        valid = mask_k & (yy >= 0) & (yy < H0) & (xx >= 0) & (xx < W0)
+        # out-of-grid cells read the border cell (inside the window, so the per-scale max is unchanged); masked below
+        fy = tl.minimum(tl.maximum(yy, 0), H0 - 1)
+        fx = tl.minimum(tl.maximum(xx, 0), W0 - 1)
+        q_row = q_ptr + (b.to(tl.int64) * N + n) * LQ
+        f_bt = f_ptr + (b.to(tl.int64) * T + t) * LF
+        prod = tl.full([BLOCK_K], 1.0, tl.float32)
+        for s in range(S):
+            d_s = tl.load(meta_ptr + s * 6 + 0)
+            hs = tl.load(meta_ptr + s * 6 + 1)
+            ws = tl.load(meta_ptr + s * 6 + 2)
+            foff = tl.load(meta_ptr + s * 6 + 3)
+            qoff = tl.load(meta_ptr + s * 6 + 4)
+            same = tl.load(meta_ptr + s * 6 + 5)
+            sy = tl.load(scale_ptr + s * 2 + 0)
+            sx = tl.load(scale_ptr + s * 2 + 1)
+            w = _window_scale_weights(q_row + qoff, d_s, f_bt + foff, hs * ws, hs, ws, sy, sx, same != 0, fy, fx,
+                                      mask_k, gamma, PAPER, BLOCK_K)
+            prod = prod * w
+        if not PAPER:
+            prod = prod * prod
+        prod = tl.where(valid, prod, 0.0)
+        # -1 outside the grid: an all-zero window still picks an in-grid cell
+        peak, am = tl.max(tl.where(valid, prod, -1.0), axis=0, return_indices=True, return_indices_tie_break_left=True)
+        am = am.to(tl.int32)
+        ai = am // side
+        aj = am - ai * side
+        di = wi - ai
+        dj = wj - aj
+        wv = tl.where(valid & (di * di + dj * dj < DISC), prod, 0.0)
+        # normalising by the argmax weight keeps the disc sum >= 1 (same as the PyTorch path)
+        wn = wv / tl.maximum(peak, _TINY)
+        sw = tl.maximum(tl.sum(wn, axis=0), _TINY)
+        ox = tl.sum(wn * dj.to(tl.float32), axis=0) / sw
+        oy = tl.sum(wn * di.to(tl.float32), axis=0) / sw
+        tl.store(cells_ptr + pid * 2 + 0, (cx - HALF + aj).to(tl.float32) + 0.5 + ox)
+        tl.store(cells_ptr + pid * 2 + 1, (cy - HALF + ai).to(tl.float32) + 0.5 + oy)
+        tl.store(conf_ptr + pid, tl.sum(wv, axis=0) / tl.maximum(tl.sum(prod, axis=0), _TINY))
+        tl.store(arg_ptr + pid, am.to(tl.int64))
+
+
 def _next_pow2(x: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, int(x) - 1).bit_length())
 
 
-def triton_track(
-    qs: list[Tensor], fs: list[Tensor], form: str, gamma: float, offsets: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the kernels: qs[s] (B, N, D_s), fs[s] (B, T, D_s, H_s, W_s), float32, finest scale first.
-
-    Returns:
-        cells (B, T, N, 2) soft-argmax ``(x, y)`` in finest-grid cells (centres at +0.5), confidence (B, T, N),
-        argmax (B, T, N) int64 flat index on the finest grid.
-    """
+def _pack(qs: list[Tensor], fs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """L2-normalise and pack all scales: q (B, N, LQ), f (B, T, LF), meta (S, 6) int32, scales (S, 2) float32."""
     check_triton_runnable(fs[0].device, len(fs))
     if any(x.dtype != torch.float32 for x in (*qs, *fs)):
         raise ValueError("backend='triton' computes in float32; pass float32 (or half) features or use backend='torch'")
     device = fs[0].device
     bsz, t = fs[0].shape[:2]
-    n = qs[0].shape[1]
     h0, w0 = fs[0].shape[-2:]
     meta, scales, q_parts, f_parts = [], [], [], []
     qoff = foff = 0
@@ -316,9 +420,62 @@ def triton_track(
         raise ValueError(f"one frame's features span {foff} elements; the Triton kernels index a frame with int32")
     meta_t = torch.tensor(meta, dtype=torch.int32, device=device)
     scale_t = torch.tensor(scales, dtype=torch.float32, device=device)
+    return q_packed, f_packed, meta_t, scale_t
+
+
+def triton_window_evaluator(
+    qs: list[Tensor], fs: list[Tensor], form: str, gamma: float, half: int, disc_limit: int
+) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """Pack the features once; return ``evaluate(pb, pt, pn, centre)`` running ``_window_kernel``.
+
+    ``pb, pt, pn`` (P,) are the batch, frame and point of each triple, ``centre`` (P, 2) its ``(cy, cx)`` window
+    centre on the finest grid. Returns cells (P, 2) ``(x, y)`` in finest-grid cells (centres at +0.5), confidence
+    (P,) and the window-local argmax (P,) int64 (row-major in the ``2 * half + 1`` square). (The backward pass
+    evaluates the PyTorch path at that argmax; the kernel never needs a given one.)
+    """
+    q_packed, f_packed, meta_t, scale_t = _pack(qs, fs)
+    device = fs[0].device
+    t = fs[0].shape[1]
+    n = qs[0].shape[1]
+    h0, w0 = fs[0].shape[-2:]
+    side = 2 * int(half) + 1
+    block_k = _next_pow2(side * side, 16)
+    lq, lf = q_packed.shape[-1], f_packed.shape[-1]
+
+    def evaluate(pb: Tensor, pt: Tensor, pn: Tensor, centre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p = int(pb.shape[0])
+        pairs = torch.stack([pb, pt, pn, centre[:, 0], centre[:, 1]], dim=-1).to(device=device, dtype=torch.int32)
+        cells = torch.empty(p, 2, dtype=torch.float32, device=device)
+        conf = torch.empty(p, dtype=torch.float32, device=device)
+        arg = torch.empty(p, dtype=torch.int64, device=device)
+        if p:
+            _window_kernel[(p,)](
+                q_packed, f_packed, meta_t, scale_t, pairs.contiguous(), cells, conf, arg,
+                t, n, len(fs), lq, lf, h0, w0, int(half), int(disc_limit), float(gamma),
+                PAPER=form == "paper", BLOCK_K=block_k,
+            )
+        return cells, conf, arg
+
+    return evaluate
+
+
+def triton_track(
+    qs: list[Tensor], fs: list[Tensor], form: str, gamma: float, offsets: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the kernels: qs[s] (B, N, D_s), fs[s] (B, T, D_s, H_s, W_s), float32, finest scale first.
+
+    Returns:
+        cells (B, T, N, 2) soft-argmax ``(x, y)`` in finest-grid cells (centres at +0.5), confidence (B, T, N),
+        argmax (B, T, N) int64 flat index on the finest grid.
+    """
+    q_packed, f_packed, meta_t, scale_t = _pack(qs, fs)
+    device = fs[0].device
+    bsz, t = fs[0].shape[:2]
+    n = qs[0].shape[1]
+    h0, w0 = fs[0].shape[-2:]
     woff = offsets.to(device=device, dtype=torch.int32).contiguous()
     num_scales = len(fs)
-    d_max = max(m[0] for m in meta)
+    d_max = max(int(f.shape[2]) for f in fs)
     block_n = _next_pow2(min(n, 32), 16)  # tl.dot needs every block dim >= 16
     block_d = _next_pow2(d_max, 16)
     block_p = 64

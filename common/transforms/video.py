@@ -103,7 +103,9 @@ class RandImpartialAffined(RandPairedAffined):
 
     Scale, translation, shear, rotation (up to ±``rotate_range`` degrees), horizontal flip and vertical flip are each
     switched on with probability ``component_prob`` (paper: 0.5). Points that leave the image become invisible.
-    Ranges other than the rotation are not given in the paper; the defaults are our choice.
+    Ranges other than the rotation are not given in the paper; the defaults are our choice (the ``specknet_tracking``
+    bundle sets all of them from its config: ``scale_range``, ``translate_range``, ``shear_range``,
+    ``rotate_range``, ``affine_prob``).
 
     Args:
         keys: video keys ``(T, H, W)`` (or any ``(..., H, W)``).
@@ -156,8 +158,9 @@ class RandFrameSkipd(Randomizable, _TimeMapTransform):
     """Frame skipping: drop ``k`` frames between kept frames (keep every ``(k+1)``-th), ``k`` uniform in 0..max_skip.
 
     Simulates lower frame rates (larger motion between frames). The first kept frame is drawn in ``0..k`` so every
-    frame can survive. With ``min_frames`` the skip is capped so at least ``min(min_frames, T)`` frames remain (a
-    skip that leaves fewer frames than a training clip would fill the clip with padding).
+    frame can survive. By default (``min_frames=None``, the paper's setting) ``k`` is not capped: a short video may
+    keep only a few frames, and :class:`SampleClipd` pads the clip with frames marked invisible. With
+    ``min_frames`` the skip is capped so at least ``min(min_frames, T)`` frames remain (an option, not the paper).
 
     Args:
         keys: time-major keys (axis 0 = time), e.g. ``("video", "tracks", "visible")``.
@@ -403,8 +406,10 @@ def impartial_motion_augmentation(
     ``enabled=True`` (impartial-motion training), in this order:
 
     1. (``cast_float``) video to float32, so later steps do not re-quantise an 8-bit video,
-    2. :class:`RandFrameSkipd` ``k`` in 0..``max_skip`` (optionally capped by ``skip_min_frames``),
-    3. :class:`SampleClipd` a random ~``overlap`` segment of ``clip_len`` frames (padded if shorter),
+    2. :class:`RandFrameSkipd` ``k`` uniform in 0..``max_skip`` (paper: 0-5; not capped unless ``skip_min_frames``
+       is given),
+    3. :class:`SampleClipd` a random ~``overlap`` segment of ``clip_len`` frames (a shorter sequence is padded with
+       frames marked invisible, so they carry no loss and are never the query frame),
     4. :class:`RandReverseSequenced` with ``reverse_prob``,
     5. :class:`RandImpartialAffined`: scale, translate, shear, rotation ±``rotate_range``°, h/v flip, each with
        ``affine_prob``; same for every frame and the tracks; points leaving the image become invisible,

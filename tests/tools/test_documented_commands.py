@@ -73,7 +73,7 @@ TINY: dict[str, dict[str, Any]] = {
         "epoch_length": 2, "val_interval": 1, "augment_prob": 0.0, "torch_threads": 1,
     },
     "specknet_tracking": {"spatial_size": 64, "clip_len": 12, "segment_overlap": 0.0, "batch_size": 2, "epochs": 1,
-                          "val_interval": 1},
+                          "val_interval": 1, "phantom_size": 48, "phantom_frames": 12},
 }
 # rule 6: a command choosing another network: (switch key, prefix of the tiny keys it invalidates, tiny per value)
 NETWORK_SWITCH: dict[str, tuple[str, str, dict[str, dict[str, Any]]]] = {

@@ -6,7 +6,7 @@ import importlib
 
 import fire
 
-BENCHMARKS = ("sinkhorn", "cost_volume", "specknet", "botm", "lssc", "pacs")
+BENCHMARKS = ("sinkhorn", "cost_volume", "cost_volume_window", "specknet", "botm", "lssc", "pacs")
 
 
 def _runner(name: str):

@@ -89,13 +89,35 @@ def _sizes(quick: bool) -> tuple[int, int]:
     return (24, 75) if quick else (80, 75)
 
 
-def _method(name: str, qs: list[torch.Tensor], fs: list[torch.Tensor]) -> Callable[[], Any]:
+# windowed searches of the op (tools.bench.cost_volume_window): (search, backend) per method name
+WINDOW_METHODS = {
+    "global": ("global", "torch"),
+    "chained": ("chained", "torch"),
+    "coarse_to_fine": ("coarse_to_fine", "torch"),
+    "global_triton": ("global", "triton"),
+    "chained_triton": ("chained", "triton"),
+    "coarse_to_fine_triton": ("coarse_to_fine", "triton"),
+}
+SEARCH_RADIUS = 4.0  # the op's default window, 9 x 9 finest cells
+
+
+def _method(
+    name: str, qs: list[torch.Tensor], fs: list[torch.Tensor], pts: torch.Tensor | None = None
+) -> Callable[[], Any]:
     if name == "naive":
         return lambda: _reference_cost_volume_track(qs, fs, _IMAGE_SIZE)
     if name == "chunked":
         return lambda: cost_volume_track(qs, fs, _IMAGE_SIZE, backend="torch")
     if name == "triton":
         return lambda: cost_volume_track(qs, fs, _IMAGE_SIZE, backend="triton")
+    if name in WINDOW_METHODS:
+        if pts is None:
+            raise ValueError(f"method {name!r} needs the query points")
+        search, backend = WINDOW_METHODS[name]
+        # make_inputs samples the query features on frame 0, so that is every point's query frame
+        qf = torch.zeros(pts.shape[:2], dtype=torch.long, device=pts.device)
+        return lambda: cost_volume_track(qs, fs, _IMAGE_SIZE, search=search, search_radius=SEARCH_RADIUS,
+                                         query_points=pts, query_frames=qf, backend=backend)
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -121,12 +143,12 @@ def _child_peak_bytes(name: str, quick: bool, device: str) -> int:
     torch.manual_seed(0)
     # one small call first: thread pools and lazily initialised kernels allocate once per process, which is not
     # the op's memory
-    sq, sf, _ = make_inputs(2, 4, 8, ((8, 8), (8, 8), (4, 4)), _IMAGE_SIZE, seed=1, device=device)
+    sq, sf, sp = make_inputs(2, 4, 8, ((8, 8), (8, 8), (4, 4)), _IMAGE_SIZE, seed=1, device=device)
     frames, points = _sizes(quick)
-    qs, fs, _ = make_inputs(frames, points, _DIM, _GRIDS, _IMAGE_SIZE, seed=0, device=device)
+    qs, fs, pts = make_inputs(frames, points, _DIM, _GRIDS, _IMAGE_SIZE, seed=0, device=device)
     with torch.no_grad():
-        _method(name, sq, sf)()
-        return peak_memory_bytes(_method(name, qs, fs), device=device)
+        _method(name, sq, sf, sp)()
+        return peak_memory_bytes(_method(name, qs, fs, pts), device=device)
 
 
 def _peak_bytes(name: str, quick: bool, device: str) -> int:

@@ -185,7 +185,8 @@ def write_tracking_h5(root: str | Path, n_videos: int = 10, seed: int = 0, image
 
     Views alternate at random between 2CH and 4CH; the sequence starts at ED and runs at ``fps`` frames per second
     at the patient's heart rate (so it usually covers more than one cycle). ``tracks`` are the true myocardial
-    centre-line trajectories, ``gls_reference`` the true GLS (%) between ``ed_frame`` and ``es_frame``.
+    centre-line trajectories, ordered base -> apex -> base (attribute ``centreline_ordered = True``, which lets
+    evaluation compute GLS), ``gls_reference`` the true GLS (%) between ``ed_frame`` and ``es_frame``.
     """
     import h5py
 
@@ -217,6 +218,8 @@ def write_tracking_h5(root: str | Path, n_videos: int = 10, seed: int = 0, image
             f.attrs["ed_frame"] = int(seq.ed_frame)
             f.attrs["es_frame"] = int(seq.es_frame)
             f.attrs["gls_reference"] = float(seq.gls)
+            # the tracks are the simulator's mid-wall centre line, base -> apex -> base: GLS of them is meaningful
+            f.attrs["centreline_ordered"] = True
             f.attrs["patient"] = f"video{i:04d}"
             f.attrs["image_quality"] = acq["quality"]
             f.attrs["pathology"] = float(acq["pathology"])

@@ -31,7 +31,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 __all__ = ["MOTIONS", "PhantomParams", "draw_phantom_params", "motion_map", "render_envelope", "log_compress",
-           "simulate_phantom", "write_phantom_h5"]
+           "simulate_phantom", "write_phantom_h5", "phantom_training_set", "phantom_training_datalist"]
 
 MOTIONS = ("rotation", "contraction", "translation", "mixed")
 
@@ -68,7 +68,13 @@ def draw_phantom_params(seed: int, motion: str = "mixed", amplitude: float | Seq
                         density: float | Sequence[float] = (1.0, 4.0),
                         sigma_axial: float | Sequence[float] = (0.8, 1.4),
                         sigma_lateral: float | Sequence[float] = (1.2, 2.2)) -> PhantomParams:
-    """Random phantom parameters for ``seed``; each knob is a number or a ``(low, high)`` uniform range."""
+    """Random phantom parameters for ``seed``; each knob is a number or a ``(low, high)`` uniform range.
+
+    The default ranges (amplitude 2-10 px, 25-60 fps, 1-4 scatterers per pixel, axial PSF sigma 0.8-1.4 px, lateral
+    1.2-2.2 px) are the **training ranges**: :func:`phantom_training_set` (phantoms mixed into SpeckNet training) and
+    :func:`write_phantom_h5` use them by default. A test of generalisation draws its phantoms outside them (other
+    seeds and at least one knob out of range), so it never scores data the tracker was trained on.
+    """
     if motion not in MOTIONS:
         raise ValueError(f"phantom: unknown motion {motion!r}; choose one of {MOTIONS}")
     rng = np.random.default_rng(seed)
@@ -215,3 +221,52 @@ def write_phantom_h5(root: str | Path, n_videos: int = 10, seed: int = 0, motion
                             "dynamic_range_db": float(p.dynamic_range_db), "seed": int(vseed)})
         tmp.replace(path)  # never leave a half-written file under the final name
     return root
+
+
+def phantom_training_set(n_videos: int, seed: int = 0, image_size: int | Sequence[int] = (256, 256),
+                         n_frames: int = 40, n_points: int = 32, cache_dir: str | Path | None = None) -> Path:
+    """A cached folder of ``n_videos`` training phantoms (the default, i.e. training, parameter ranges, mixed motion).
+
+    Deterministic in ``(n_videos, seed, image_size, n_frames, n_points)``, which name the folder under ``cache_dir``
+    (default ``common.data.default.cache_root()``, i.e. ``$CARDIAC_DATA_DIR``); generated once, atomically and under a
+    lock (:func:`common.data.default.generate_once`): a complete folder is reused, an interrupted generation is
+    redone, concurrent processes (``torchrun`` ranks) wait for one writer.
+    """
+    from common.data.default import cache_root, generate_once
+
+    if int(n_videos) < 1:
+        raise ValueError(f"phantom_training_set: n_videos must be >= 1, got {n_videos}")
+    size = (int(image_size), int(image_size)) if np.ndim(image_size) == 0 else tuple(int(v) for v in image_size)
+    if len(size) != 2:
+        raise ValueError(f"phantom_training_set: image_size must be an int or (H, W), got {image_size!r}")
+    base = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    root = base / f"phantom-train-n{int(n_videos)}-{size[0]}x{size[1]}-t{int(n_frames)}-p{int(n_points)}-seed{seed}"
+
+    def write(tmp: Path) -> None:
+        write_phantom_h5(tmp, n_videos=int(n_videos), seed=int(seed), motion="mixed", image_size=size,
+                         n_frames=int(n_frames), n_points=int(n_points), progress=False)
+
+    return generate_once(root, write, f"phantom-train n={n_videos} seed={seed} size={size} frames={n_frames}")
+
+
+def phantom_training_datalist(n_videos: int, seed: int = 0, image_size: int | Sequence[int] = (256, 256),
+                              n_frames: int = 40, n_points: int = 32,
+                              cache_dir: str | Path | None = None) -> list[dict]:
+    """Datalist entries (as :func:`common.data.tracking.tracking_datalist`) of :func:`phantom_training_set`, for
+    appending to a **training** datalist; ``n_videos = 0`` gives ``[]`` (the switch is off).
+
+    Ids are ``phantom/<file stem>`` (their own dataset in reports) and ``split`` is ``"train"``: these videos are
+    never meant for validation or test.
+    """
+    if int(n_videos) < 0:
+        raise ValueError(f"phantom_videos must be >= 0, got {n_videos}")
+    if int(n_videos) == 0:
+        return []
+    from common.data.tracking import tracking_datalist
+
+    root = phantom_training_set(n_videos, seed, image_size, n_frames, n_points, cache_dir)
+    entries = tracking_datalist(root, split=None)
+    for e in entries:
+        e["id"] = f"phantom/{e['id']}"
+        e["split"] = "train"
+    return entries

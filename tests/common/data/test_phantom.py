@@ -3,10 +3,19 @@ moves with the tracks, and files the tracking reader loads."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from common.data.synthetic.phantom import PhantomParams, draw_phantom_params, simulate_phantom, write_phantom_h5
+from common.data.synthetic.phantom import (
+    PhantomParams,
+    draw_phantom_params,
+    phantom_training_datalist,
+    phantom_training_set,
+    simulate_phantom,
+    write_phantom_h5,
+)
 from common.data.tracking import read_tracking_h5, tracking_datalist
 
 SIZE = (96, 96)
@@ -108,3 +117,106 @@ def test_bad_knobs_fail_clearly(tmp_path):
         write_phantom_h5(tmp_path, n_videos=1, motion="spin", progress=False)
     with pytest.raises(ValueError, match="amplitude"):
         draw_phantom_params(0, "rotation", amplitude=(5.0, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the cached training set (phantoms mixed into SpeckNet training) and the cache it shares with the synthetic default
+
+
+def test_training_set_is_cached_deterministic_and_redone_after_an_interruption(tmp_path, monkeypatch):
+    import common.data.synthetic.phantom as phantom
+
+    kw = dict(image_size=32, n_frames=5, n_points=4)
+    root = phantom_training_set(2, seed=0, cache_dir=tmp_path / "a", **kw)
+    assert sorted(p.name for p in root.glob("*.h5")) == ["phantom0001.h5", "phantom0002.h5"]
+    marker = root / ".synthetic-complete"
+    stamp = marker.stat().st_mtime_ns
+    assert phantom_training_set(2, seed=0, cache_dir=tmp_path / "a", **kw) == root
+    assert marker.stat().st_mtime_ns == stamp  # reused, not regenerated
+    again = phantom_training_set(2, seed=0, cache_dir=tmp_path / "b", **kw)
+    np.testing.assert_array_equal(read_tracking_h5(again / "phantom0002.h5")["video"],
+                                  read_tracking_h5(root / "phantom0002.h5")["video"])
+    assert phantom_training_set(3, seed=0, cache_dir=tmp_path / "a", **kw) != root  # (n, seed, size, frames) name it
+
+    real_writer = phantom.write_phantom_h5
+
+    def interrupted(out, **kwargs):
+        real_writer(out, **{**kwargs, "n_videos": 1})
+        raise KeyboardInterrupt  # killed after the first video
+
+    monkeypatch.setattr(phantom, "write_phantom_h5", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        phantom_training_set(2, seed=0, cache_dir=tmp_path / "c", **kw)
+    assert not any(p.name.startswith("phantom-train") for p in (tmp_path / "c").iterdir())  # nothing half-final
+    monkeypatch.setattr(phantom, "write_phantom_h5", real_writer)
+    redone = phantom_training_set(2, seed=0, cache_dir=tmp_path / "c", **kw)
+    assert len(list(redone.glob("*.h5"))) == 2 and (redone / ".synthetic-complete").is_file()
+    assert phantom_training_datalist(0) == []
+    with pytest.raises(ValueError, match="phantom_videos must be >= 0"):
+        phantom_training_datalist(-1)
+
+
+def test_an_older_cache_layout_is_regenerated(tmp_path, monkeypatch):
+    """A synthetic tracking default cached before files carried ``centreline_ordered`` is rebuilt, not trusted."""
+    import h5py
+
+    from common.data.default import CACHE_VERSIONS, default_dataset_dir, ensure_dataset, generate_once
+
+    monkeypatch.setenv("CARDIAC_DATA_DIR", str(tmp_path / "cache"))
+    tiny = dict(n_videos=1, image_size=(32, 32), n_frames=4, n_points=4)
+    root = Path(ensure_dataset(None, "tracking", **tiny))
+    assert root == Path(default_dataset_dir("tracking")) and CACHE_VERSIONS["tracking"] >= 2
+    # turn it into what the previous release left: no attribute, a marker without a version
+    with h5py.File(root / "video0001.h5", "a") as f:
+        del f.attrs["centreline_ordered"]
+    (root / ".synthetic-complete").write_text("tracking seed=0 {}\n")
+    assert "centreline_ordered" not in read_tracking_h5(root / "video0001.h5")
+    assert Path(ensure_dataset(None, "tracking", **tiny)) == root
+    assert read_tracking_h5(root / "video0001.h5")["centreline_ordered"] is True
+    assert "version=2" in (root / ".synthetic-complete").read_text()
+
+    calls = []
+    generate_once(tmp_path / "x", lambda d: (d.mkdir(), calls.append(1)), "x", version=3)
+    generate_once(tmp_path / "x", lambda d: (d.mkdir(), calls.append(2)), "x", version=3)  # current: reused
+    assert calls == [1]
+    (tmp_path / "foreign").mkdir()
+    with pytest.raises(FileExistsError, match="foreign"):
+        generate_once(tmp_path / "foreign", lambda d: d.mkdir(), "x")
+
+
+def test_phantom_videos_join_the_training_datalist_only(tmp_path, monkeypatch, repo_root):
+    """``--phantom_videos 2``: two more training entries that go through the training preprocessing; validation and
+    test are unchanged."""
+    from monai.bundle import ConfigParser
+
+    from common.data.default import default_dataset_dir, generate_dataset
+
+    monkeypatch.setenv("CARDIAC_DATA_DIR", str(tmp_path / "cache"))
+    generate_dataset("tracking", default_dataset_dir("tracking"), n_videos=5, image_size=(48, 48), n_frames=10,
+                     n_points=6, progress=False)
+
+    def parsed(**overrides):
+        parser = ConfigParser()
+        parser.read_config(str(repo_root / "bundles" / "specknet_tracking" / "configs" / "train.json"))
+        parser.update({"spatial_size": 32, "clip_len": 8, **overrides})
+        return parser
+
+    base = parsed()
+    mixed = parsed(phantom_videos=2, phantom_size=40, phantom_frames=10)
+    train0, train2 = base.get_parsed_content("train#datalist"), mixed.get_parsed_content("train#datalist")
+    assert len(train2) == len(train0) + 2 and train2[: len(train0)] == train0
+    extra = train2[len(train0):]
+    assert all(e["id"].startswith("phantom/") and e["split"] == "train" for e in extra)
+    assert Path(extra[0]["video"]).is_relative_to(tmp_path / "cache")  # cached beside the synthetic default
+    assert mixed.get_parsed_content("validate#datalist") == base.get_parsed_content("validate#datalist")
+    assert not any("phantom" in e["id"] for e in mixed.get_parsed_content("validate#datalist"))
+    from common.transforms.video import overlapping_segments
+
+    n_clips = len(base.get_parsed_content("train#clips")) + sum(len(overlapping_segments(10, 8, 0.5)) for _ in extra)
+    assert len(mixed.get_parsed_content("train#clips")) == n_clips
+    pre = mixed.get_parsed_content("train#preprocessing")
+    for e in extra:
+        out = pre(dict(e))
+        assert out["image"].shape == (1, 8, 32, 32) and np.abs(out["image"]).max() <= 1.0
+        assert out["label"].shape == (8, 32, 3) and np.isfinite(out["label"]).all() and out["label"][..., 2].sum() > 0
+        assert out["query_points"].shape == (32, 2) and out["dataset"] == "phantom"

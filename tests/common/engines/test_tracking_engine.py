@@ -8,7 +8,9 @@ zero-motion baseline); the geometry of resizing against an independent blob-cent
 from __future__ import annotations
 
 import json
+import shutil
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -22,8 +24,11 @@ from torch import nn
 from common.data.io import DataError, write_nifti
 from common.data.synthetic.echo_layouts import write_tracking_h5
 from common.data.tracking import read_tracking_h5, tracking_datalist
+from common.engines.handlers import MetricsJSONWriter
 from common.engines.tracking import (
     DEFAULT_PHASES,
+    GLS_NOT_APPLICABLE,
+    RADIUS_VARIANTS,
     GradientClipping,
     LoadTrackingVideod,
     LoadVideod,
@@ -32,6 +37,7 @@ from common.engines.tracking import (
     TrackingEvaluator,
     TrackingInputsd,
     TrackingMetrics,
+    TrackingPredictionWriter,
     TrackingPredLoss,
     TrackingReport,
     as_bool,
@@ -204,20 +210,22 @@ class _ScriptedTracker(nn.Module):
         return {"tracks": tracks.clone(), "confidence": torch.ones(b, t, n)}
 
 
-def _eval_loader(root, size=48):
+def _eval_loader(root, size=48, n_videos=1):
     pre = Compose([LoadTrackingVideod(root=str(root)), QueryFramed(fraction=0.72),
                    ResizeVideod(size, point_keys={"tracks": "tracks_net"}),
                    TrackingInputsd(tracks_key="tracks_net", drop=("video", "tracks_net"))])
-    return DataLoader(Dataset(tracking_datalist(root)[:1], pre), batch_size=1, collate_fn=tracking_collate)
+    return DataLoader(Dataset(tracking_datalist(root, split="all")[:n_videos], pre), batch_size=1,
+                      collate_fn=tracking_collate)
 
 
-def _run_eval(net, loader, report_dir=None):
+def _run_eval(net, loader, report_dir=None, phases=DEFAULT_PHASES, **kwargs):
     ev = TrackingEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=net,
-                           key_val_metric={"delta_avg": TrackingMetrics()}, phases=DEFAULT_PHASES)
+                           key_val_metric={"delta_avg": TrackingMetrics()}, phases=phases, **kwargs)
     report = None
     if report_dir is not None:
         report = TrackingReport(str(report_dir), n_png=1)
         report.attach(ev)
+        MetricsJSONWriter(str(report_dir), extra=report.summary).attach(ev)
     ev.run()
     return ev, report
 
@@ -249,6 +257,122 @@ def test_zero_motion_tracker_reproduces_the_zero_motion_baseline(tiny_set):
     assert m["delta_avg"] == pytest.approx(m["zero_motion_delta_avg"], abs=1e-6)
     assert m["mte"] == pytest.approx(m["zero_motion_mte"], abs=1e-4)
     assert m["delta_avg"] < 100.0 and m["mte"] > 0.1  # the simulated heart moves
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GLS only where the data declare ordered centre-line points; both readings of the soft-argmax radius
+
+
+def _declare(path, value):
+    """Set (True/False) or remove (None) a tracking file's ``centreline_ordered`` attribute."""
+    with h5py.File(path, "a") as f:
+        if value is None:
+            del f.attrs["centreline_ordered"]
+        else:
+            f.attrs["centreline_ordered"] = value
+
+
+def test_echo_simulator_declares_its_ordered_centre_line(tiny_set):
+    for e in tracking_datalist(tiny_set):
+        v = read_tracking_h5(e["video"])
+        assert v["centreline_ordered"] is True and e["centreline_ordered"] is True
+        for t in range(v["tracks"].shape[0]):  # the declaration is true: each point's nearest neighbours are k +- 1
+            tr = v["tracks"][t].astype(np.float64)
+            d = np.linalg.norm(tr[:, None] - tr[None], axis=-1)
+            np.fill_diagonal(d, np.inf)
+            assert np.all(np.abs(d.argmin(1) - np.arange(len(tr))) == 1)
+
+
+def test_gls_only_where_the_data_declare_ordered_centre_line_points(tiny_set, tmp_path):
+    files = sorted(tiny_set.glob("*.h5"))[:2]
+    undeclared, mixed = tmp_path / "undeclared", tmp_path / "mixed"
+    for folder, values in ((undeclared, (None, False)), (mixed, (True, None))):
+        folder.mkdir()
+        for src, value in zip(files, values):
+            shutil.copy(src, folder / src.name)
+            _declare(folder / src.name, value)
+
+    ev, report = _run_eval(_ScriptedTracker(None), _eval_loader(undeclared, n_videos=2), tmp_path / "rep", phases=())
+    m = ev.state.metrics
+    assert "gls_mad" in m and m["gls_mad"] is None and m["n_videos"] == 2
+    saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert saved["metrics"]["gls_mad"] is None and saved["gls_note"] == GLS_NOT_APPLICABLE
+    assert all(e["gls_mad"] is None and e["gls_note"] == GLS_NOT_APPLICABLE for e in saved["per_dataset"].values())
+    assert "gls" not in ev.state.metric_details and "gls_png" not in saved["report_files"]
+    assert not any("gls" in r for r in ev.state.tracking_report["per_video"])
+    assert "gls" not in (tmp_path / "rep" / "per_video.csv").read_text().splitlines()[0].split(",")
+
+    ev, report = _run_eval(_ScriptedTracker(None), _eval_loader(mixed, n_videos=2), tmp_path / "rep2", phases=())
+    rows = {r["id"]: r for r in ev.state.tracking_report["per_video"]}
+    declared_ref = read_tracking_h5(mixed / files[0].name)["gls_reference"]
+    assert "gls" in rows[files[0].stem] and "gls" not in rows[files[1].stem]
+    # zero motion: the centre line keeps its length, so the tracked GLS is 0 and the MAD is |reference|
+    assert ev.state.metrics["gls_mad"] == pytest.approx(abs(declared_ref), abs=1e-6)
+    assert report.summary(ev)["gls_note"].startswith("GLS of the tracked points of the 1 of 2 video(s)")
+    assert (tmp_path / "rep2" / "gls.png").is_file()
+
+
+def test_radius_variants_report_both_readings_from_one_encoding(tiny_set):
+    torch.manual_seed(0)
+    net = SpeckNetBundleAdapter(channels=(8, 16, 16, 16), backend="torch").eval()  # radius 5 cells
+    loader = _eval_loader(tiny_set, size=32, n_videos=2)
+    ev, _ = _run_eval(net, loader, phases=())
+    m, report = ev.state.metrics, ev.state.tracking_report
+    assert [radius_label for radius_label in report["radius_variants"]] == ["5 cells", "5 px"]
+    assert report["radius_variants"]["5 cells"]["configured"] and not report["radius_variants"]["5 px"]["configured"]
+    assert m["radius_5cells_delta_avg"] == m["delta_avg"] and m["radius_5cells_mte"] == m["mte"]
+    # the 5 px reading is the network's own per-call override on the same features, scored like the main output
+    batch = next(iter(loader))
+    with torch.no_grad():
+        feats = net.encode(batch["image"].transpose(1, 2))
+        o = net.track(feats, batch["query_points"], batch["query_frames"], (32, 32), radius=5.0, radius_unit="pixels")
+    pred = scale_points(o["tracks"][0].double().numpy(), (32, 32), batch["orig_size"][0].tolist())
+    from common.metrics.tracking import tracking_metrics
+
+    vis = batch["visible"][0].numpy() & batch["visible"][0].numpy()[int(batch["query_frames"][0, 0])][None]
+    direct = tracking_metrics(pred, batch["tracks"][0].double().numpy(), vis, int(batch["query_frames"][0, 0]),
+                              tuple(batch["orig_size"][0].tolist()))
+    first = ev.state.tracking_report["per_video"][0]
+    assert first["radius_5px_delta_avg"] == pytest.approx(float(direct["delta_avg"]))
+    assert first["radius_5px_mte"] == pytest.approx(float(direct["mte"]))
+    # 40 px = 5 cells of the stride-8 grid: a network configured that way scores what the "5 cells" reading scored
+    px = SpeckNetBundleAdapter(channels=(8, 16, 16, 16), backend="torch", radius=40.0, radius_unit="pixels").eval()
+    px.load_state_dict(net.state_dict())
+    ev_px, _ = _run_eval(px, loader, phases=())
+    assert ev_px.state.metrics["delta_avg"] == pytest.approx(m["radius_5cells_delta_avg"])
+    assert ev_px.state.tracking_report["radius_variants"]["5 cells"]["configured"] is False
+    # trackers without a radius (NCC, the scripted ones) simply have no variants
+    ev0, _ = _run_eval(_ScriptedTracker(None), _eval_loader(tiny_set), phases=())
+    assert ev0.state.tracking_report["radius_variants"] == {} and RADIUS_VARIANTS == ((5.0, "cells"), (5.0, "pixels"))
+    with pytest.raises(ValueError, match="radius_variants"):
+        TrackingEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=net, radius_variants=[(5, "mm")])
+
+
+def test_inference_gls_follows_the_source_of_the_query_points(tiny_set, tmp_path):
+    from common.data.synthetic.phantom import write_phantom_h5
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(sorted(tiny_set.glob("*.h5"))[0], videos / "echo.h5")
+    write_phantom_h5(tmp_path / "ph", n_videos=1, seed=1, image_size=(48, 48), n_frames=6, n_points=5, progress=False)
+    shutil.copy(tmp_path / "ph" / "phantom0001.h5", videos / "phantom.h5")
+    pre = Compose([LoadVideod(), QueryPointsd(source="tracks"),
+                   ResizeVideod(32, point_keys={"query_points_orig": "query_points"}), TrackingInputsd(drop=["video"])])
+    data = [{"image": str(videos / "echo.h5")}, {"image": str(videos / "phantom.h5")}]
+    loader = DataLoader(Dataset(data, pre), batch_size=1, collate_fn=tracking_collate)
+    writer = TrackingPredictionWriter(str(tmp_path / "pred"), save_png=False)
+    TrackingEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=_ScriptedTracker(None),
+                      val_handlers=[writer]).run()
+    out = {r["id"]: r for r in json.loads((tmp_path / "pred" / "inference_summary.json").read_text())["videos"]}
+    assert out["echo"]["gls_percent"] == pytest.approx(0.0, abs=1e-6) and "declared" in out["echo"]["gls_note"]
+    assert out["phantom"]["gls_percent"] is None and out["phantom"]["gls_note"].startswith("not applicable")
+    echo = json.loads((tmp_path / "pred" / "echo" / "echo_tracks.json").read_text())
+    assert echo["gls_note"] == out["echo"]["gls_note"] and echo["strain_curve"] is not None
+    d = LoadVideod()({"image": str(videos / "echo.h5")})
+    assert QueryPointsd(n_points=5)(d)["gls_applicable"]  # automatic centre-line points from the labels
+    (tmp_path / "pts.json").write_text(json.dumps({"query_frame": 1, "points": [[10, 12], [20, 30]]}))
+    given = QueryPointsd(points_path=str(tmp_path / "pts.json"))(d)
+    assert given["gls_applicable"] and given["gls_note"].startswith("assumes")
 
 
 # ----------------------------------------------------------------------------------------------------------------

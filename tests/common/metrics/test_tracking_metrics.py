@@ -179,6 +179,21 @@ def test_gls_of_a_uniformly_contracted_polyline():
     assert gls_from_tracks(tracks.astype(np.float32), 0, 2, 0.3) == pytest.approx(res.gls, abs=1e-4)
 
 
+def test_gls_depends_on_the_order_of_the_points():
+    """Why GLS needs declared ordered centre-line points: the same tracked points, listed in another order, give
+    another strain under a motion that is not a pure scaling (here the septal wall shortens by 30 % towards the apex,
+    the lateral wall stays)."""
+    base = centre_line()
+    apex_y = base[:, 1].min()
+    es = base.copy()
+    septum = base[:, 0] < 100
+    es[septum, 1] = apex_y + 0.7 * (base[septum, 1] - apex_y)
+    tracks = np.stack([base, es])
+    ordered = global_longitudinal_strain(tracks, es_frame=1).gls
+    shuffled = global_longitudinal_strain(tracks[:, np.random.default_rng(0).permutation(len(base))], es_frame=1).gls
+    assert -15.0 < ordered < -8.0 and abs(shuffled - ordered) > 4.0, (ordered, shuffled)
+
+
 def test_polyline_length_and_anisotropic_spacing():
     pts = np.array([[0.0, 0.0], [3.0, 0.0], [3.0, 4.0]])
     assert polyline_length(pts) == pytest.approx(7.0)

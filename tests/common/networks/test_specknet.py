@@ -212,14 +212,14 @@ def test_forms_are_wired_through():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["paper", "authors"])
-def test_hand_constructed_features_give_exact_tracks(form):
+@pytest.mark.parametrize("form,search", [("paper", "global"), ("authors", "global"), ("paper", "chained")])
+def test_hand_constructed_features_give_exact_tracks(form, search):
     """One-hot 'content id' features moving by whole cells: every tracked point must land on its moved cell centre.
 
     Checks the glue around the op (query sampling on each point's own frame, the +0.5 pixel-centre conversion both
     ways, scaling to pixels, query-frame replacement) without the encoder.
     """
-    net = make_net(form=form).eval()
+    net = make_net(form=form, search=search, search_radius=2.0).eval()  # content moves <= 1 cell per frame
     size, stride, margin, t = 64, 8, 3, 6
     g = size // stride
     disp = torch.tensor([[0, 0], [1, 0], [1, -1], [2, -1], [2, -2], [3, -2]])  # (kx, ky) cells of frame t
@@ -296,6 +296,113 @@ def test_gradients_reach_every_parameter_through_the_soft_argmax():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# search settings: locality prior, radius units, per-call overrides
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_module_search_settings_equal_per_call_overrides():
+    video = rand_video(1, 5, 64, 64)
+    pts, frames = rand_queries(1, 7, 5, 64, 64)
+    base = make_net().eval()
+    with torch.no_grad():
+        feats = base.encode(video)
+        for settings in (dict(search="chained", search_radius=2.0, radius=3.0),
+                         dict(search="coarse_to_fine", search_radius=3.0, radius=2.0),
+                         dict(radius=24.0, radius_unit="pixels")):
+            net = make_net(**settings).eval()
+            net.load_state_dict(base.state_dict())  # no new parameters or buffers: checkpoints interchangeable
+            adapter = SpeckNetBundleAdapter(**settings).eval()
+            adapter.load_state_dict(base.state_dict())
+            module = net(video, pts, frames)
+            call = base.track(feats, pts, frames, (64, 64), **settings)
+            assert torch.equal(module["tracks"], call["tracks"]), settings
+            assert torch.equal(module["confidence"], call["confidence"]), settings
+            tracks, conf = split_pred(adapter(video[:, None], pts, frames))
+            assert torch.equal(tracks, module["tracks"]) and torch.equal(conf, module["confidence"])
+        # the overrides really change the search: chained with a 1-cell window differs from the default global one
+        narrow = base.track(feats, pts, frames, (64, 64), search="chained", search_radius=1.0)
+        assert not torch.equal(narrow["tracks"], base.track(feats, pts, frames, (64, 64))["tracks"])
+
+
+def test_pixel_radii_are_divided_by_the_finest_feature_stride():
+    video = rand_video(1, 5, 64, 64)
+    pts, frames = rand_queries(1, 7, 5, 64, 64)
+    net = make_net().eval()
+    assert net.feature_strides[0] == 8
+    with torch.no_grad():
+        feats = net.encode(video)
+
+        def run(**kw):
+            return net.track(feats, pts, frames, (64, 64), **kw)
+
+        for cells, pixels in ((dict(radius=5.0), dict(radius=40.0, radius_unit="pixels")),
+                              (dict(radius=1.5), dict(radius=12.0, radius_unit="pixels")),
+                              (dict(search="chained", search_radius=2.0, radius=2.0),
+                               dict(search="chained", search_radius=2.0, radius=16.0, radius_unit="pixels"))):
+            a, b = run(**cells), run(**pixels)
+            assert torch.equal(a["tracks"], b["tracks"]) and torch.equal(a["confidence"], b["confidence"])
+        # the paper's "five-pixel radius" is less than one cell: a different soft-argmax from 5 cells
+        five_px, five_cells = run(radius=5.0, radius_unit="pixels"), run(radius=5.0)
+        assert not torch.equal(five_px["confidence"], five_cells["confidence"])
+        assert (five_px["confidence"] <= five_cells["confidence"] + 1e-6).all()  # a smaller disc holds less weight
+
+
+def test_chained_search_returns_query_points_exactly_on_query_frames():
+    net = make_net(search="chained", search_radius=2.0).eval()
+    video = rand_video(2, 6, 64, 64)
+    pts, frames = rand_queries(2, 9, 6, 64, 64)
+    pts = pts + 0.1234567  # not representable after a +-0.5 round trip in float32
+    with torch.no_grad():
+        out = net(video, pts, frames)
+    b_idx, n_idx = torch.meshgrid(torch.arange(2), torch.arange(9), indexing="ij")
+    assert torch.equal(out["tracks"][b_idx, frames, n_idx], pts)
+    assert torch.equal(out["confidence"][b_idx, frames, n_idx], torch.ones(2, 9))
+    # every other frame is a windowed estimate: within search_radius + 1/2 cells of the previous frame's cell
+    assert torch.isfinite(out["tracks"]).all() and (out["confidence"] <= 1).all()
+    step = (out["tracks"][:, 1:] - out["tracks"][:, :-1]).abs().amax(-1)
+    assert step.max() <= (2.0 + 1.0) * 8 + 1e-3
+
+
+def test_untrained_network_with_chained_search_tracks_cell_aligned_translation():
+    size, t, q, step = 96, 5, 2, (8, -8)
+    net = make_net(0, search="chained", search_radius=1.0).eval()  # a window of +-1 cell around the last estimate
+    video = translating_video(size, t, step, 0)
+    centres = torch.arange(size // 8) * 8 + 3.5
+    grid = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)
+    truth = grid[None] + (torch.arange(t) - q)[:, None, None] * torch.tensor(step, dtype=torch.float32)
+    interior = ((truth >= 16) & (truth <= size - 17)).all(-1).all(0)
+    qp, truth = grid[interior][None], truth[:, interior][None]
+    with torch.no_grad():
+        out = net(video, qp, q)
+    # two frames away from the query the point has moved 2 cells per axis, out of reach of a +-1 cell window around
+    # the query cell: only the chained window (moved to the previous frame's estimate) follows it
+    assert (out["tracks"] - truth).norm(dim=-1).max() < 1.0
+
+
+def test_clear_errors_for_bad_search_settings():
+    with pytest.raises(ValueError, match="radius_unit must be one of"):
+        SpeckNet(radius_unit="mm")
+    with pytest.raises(ValueError, match="search must be one of"):
+        SpeckNet(search="local")
+    with pytest.raises(ValueError, match="radius must be a finite positive number"):
+        SpeckNet(radius=0.0)
+    with pytest.raises(ValueError, match="search_radius must be a finite positive number"):
+        SpeckNet(search_radius=float("nan"))
+    with pytest.raises(ValueError, match=r"search_radius=0.5 finest-grid cells; the search window needs at least 1"):
+        SpeckNet(search="chained", search_radius=0.5)
+    SpeckNet(search="chained", radius_unit="pixels")  # the search window stays in cells whatever the radius unit
+    net = make_net().eval()
+    video = rand_video(1, 3, 64, 64)
+    pts, frames = rand_queries(1, 2, 3, 64, 64)
+    with torch.no_grad():
+        feats = net.encode(video)
+    with pytest.raises(ValueError, match="search must be one of"):
+        net.track(feats, pts, frames, (64, 64), search="nearest")
+    with pytest.raises(ValueError, match="radius_unit must be one of"):
+        net.track(feats, pts, frames, (64, 64), radius_unit="px")
 
 
 # ---------------------------------------------------------------------------------------------------------------

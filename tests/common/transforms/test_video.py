@@ -387,6 +387,59 @@ def test_factory_baseline_has_no_impartial_motion():
     assert isinstance(enabled, Compose)
 
 
+def test_factory_frame_skip_is_uniform_and_uncapped_by_default():
+    """The paper's frame skipping: k uniform in 0..5 with no cap, short segments padded with invisible frames."""
+    d = time_coded_sample(40)
+    # affine, reversal and image augmentations off, so the time code of the frames survives the pipeline
+    c = impartial_motion_augmentation(clip_len=36, affine_prob=0.0, reverse_prob=0.0, image_prob=0.0)
+    skip = next(x for x in c.transforms if isinstance(x, RandFrameSkipd))
+    assert skip.min_frames is None
+    c.set_random_state(0)
+    counts = np.zeros(6)
+    for _ in range(600):
+        out = c(d)
+        real = out["visible"].any(axis=1)  # every real frame of time_coded_sample has visible points
+        n_real = int(real.sum())
+        kept = out["video"][:n_real, 0, 0].astype(int)
+        assert np.all(np.diff(kept) == skip.skip + 1)  # the kept frames are every (k+1)-th of the video
+        n_kept = len(range(skip.offset, 40, skip.skip + 1))  # frames left by the skip, before the clip is cut
+        assert n_real == min(36, n_kept) and real[:n_real].all() and not real[n_real:].any()
+        np.testing.assert_array_equal(out["video"][n_real:], kept[-1])  # padding repeats the last real frame
+        assert out["query_frame"] < n_real
+        counts[skip.skip] += 1
+    freq = counts / counts.sum()
+    assert np.all(freq > 0.12) and np.all(freq < 0.22), freq  # uniform 1/6 each; a cap at 18 frames allows k <= 1
+    assert counts[5] > 0 and min(len(range(o, 40, 6)) for o in range(6)) == 6  # k = 5 leaves 6-7 real frames
+
+    capped = impartial_motion_augmentation(clip_len=36, skip_min_frames=18, affine_prob=0.0, reverse_prob=0.0,
+                                           image_prob=0.0)
+    capped.set_random_state(0)
+    assert all(capped(d)["visible"].any(axis=1).sum() >= 18 for _ in range(100))
+
+
+def test_config_affine_ranges_and_skip_cap_reach_the_transform(repo_root):
+    """specknet_tracking's train.json knobs (not constants in code) build the transform; overrides reach it."""
+    from monai.bundle import ConfigParser
+
+    def built(overrides: dict) -> tuple[RandImpartialAffined, RandFrameSkipd]:
+        parser = ConfigParser()
+        parser.read_config(str(repo_root / "bundles" / "specknet_tracking" / "configs" / "train.json"))
+        parser.update(overrides)
+        c = parser.get_parsed_content("train#augmentation")
+        return (next(x for x in c.transforms if isinstance(x, RandImpartialAffined)),
+                next(x for x in c.transforms if isinstance(x, RandFrameSkipd)))
+
+    aff, skip = built({})
+    assert aff.scale_range == (0.8, 1.25) and aff.translate_range == (-0.1, 0.1)
+    assert aff.shear_range == (-15.0, 15.0) and aff.rotate_range == (-120.0, 120.0)
+    assert set(aff.component_probs.values()) == {0.5} and skip.min_frames is None and skip.max_skip == 5
+    aff, skip = built({"scale_range": [0.9, 1.1], "translate_range": 0.05, "shear_range": 7.0, "rotate_range": 30.0,
+                       "affine_prob": 0.25, "skip_min_frames": 6, "max_skip": 3})
+    assert aff.scale_range == (0.9, 1.1) and aff.translate_range == (-0.05, 0.05)
+    assert aff.shear_range == (-7.0, 7.0) and aff.rotate_range == (-30.0, 30.0)
+    assert set(aff.component_probs.values()) == {0.25} and skip.min_frames == 6 and skip.max_skip == 3
+
+
 IMAGE_AUGS = {
     "motion_blur": lambda p: RandMotionBlurd("video", prob=p),
     "sharpen": lambda p: RandSharpend("video", prob=p),
