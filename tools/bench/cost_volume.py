@@ -3,8 +3,8 @@
 SpeckNet sizes (METHODS.md §4): T = 80 frames, N = 75 points, feature maps 64², 64², 32² with D = 64, image 512x512.
 Methods, side by side in one run on the same inputs:
 
-* ``naive``: :func:`common.ops.cost_volume._reference_cost_volume_track` in float32 — every (T, N, 64, 64) volume
-  materialised at once and a TAP-Net-style full-grid soft-argmax mask;
+* ``naive``: :func:`common.ops._cost_volume_reference.reference_cost_volume_track` in float32 — every
+  (T, N, 64, 64) volume materialised at once and a TAP-Net-style full-grid soft-argmax mask;
 * ``chunked``: :func:`common.ops.cost_volume.cost_volume_track` with the PyTorch backend (chunks of frames x points);
 * ``triton``: the same op with the Triton backend (CUDA only: the CPU interpreter is a correctness tool, far too slow
   to time at these sizes).
@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.ops.cost_volume import _reference_cost_volume_track, cost_volume_track, sample_query_features
+from common.ops._cost_volume_reference import reference_cost_volume_track
+from common.ops.cost_volume import cost_volume_track, sample_query_features
 from tools.bench.report import peak_memory_bytes, time_fn, write_report
 
 __all__ = ["make_inputs", "run", "main"]
@@ -105,7 +106,7 @@ def _method(
     name: str, qs: list[torch.Tensor], fs: list[torch.Tensor], pts: torch.Tensor | None = None
 ) -> Callable[[], Any]:
     if name == "naive":
-        return lambda: _reference_cost_volume_track(qs, fs, _IMAGE_SIZE)
+        return lambda: reference_cost_volume_track(qs, fs, _IMAGE_SIZE)
     if name == "chunked":
         return lambda: cost_volume_track(qs, fs, _IMAGE_SIZE, backend="torch")
     if name == "triton":
@@ -190,7 +191,7 @@ def run(
     names = ["naive", "chunked"] + (["triton"] if torch.device(device).type == "cuda" else [])
 
     with torch.no_grad():
-        exact = _reference_cost_volume_track([q.double() for q in qs], [f.double() for f in fs], _IMAGE_SIZE)
+        exact = reference_cost_volume_track([q.double() for q in qs], [f.double() for f in fs], _IMAGE_SIZE)
         fns = {name: _method(name, qs, fs) for name in names}
         outs = {name: fn() for name, fn in fns.items()}  # also the warm-up calls
         # repeats interleaved across methods, so a burst of load from other processes hits all of them alike

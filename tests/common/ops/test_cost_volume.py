@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.ops._cost_volume_reference import reference_cost_volume_track
 from common.ops.cost_volume import (
     TrackEstimate,
-    _reference_cost_volume_track,
     _scale_weights,
     cost_volume_track,
     sample_query_features,
@@ -47,7 +47,7 @@ def _track(qs, fs, image=IMAGE, **kw):
 def test_matches_naive_float64_reference(form, gamma, radius):
     qs, fs = _inputs()
     out = _track(qs, fs, form=form, gamma=gamma, radius=radius, chunk_frames=2, chunk_points=3)
-    ref = _reference_cost_volume_track(qs, fs, IMAGE, form=form, gamma=gamma, radius=radius)
+    ref = reference_cost_volume_track(qs, fs, IMAGE, form=form, gamma=gamma, radius=radius)
     assert isinstance(out, TrackEstimate)
     assert out.positions.shape == (2, 3, 5, 2) and out.confidence.shape == (2, 3, 5)
     assert out.positions.dtype == torch.float64
@@ -105,7 +105,7 @@ def test_border_windows_match_reference(corner):
         cy, cx = y * f.shape[-2] // 10, x * f.shape[-1] // 12
         f[0, :, :, cy, cx] = 3.0 * q[0, 0][None]  # cosines ignore the norm
     out = _track(qs, fs)
-    ref = _reference_cost_volume_track(qs, fs, IMAGE)
+    ref = reference_cost_volume_track(qs, fs, IMAGE)
     torch.testing.assert_close(out.positions, ref.positions, rtol=0, atol=1e-9)
     torch.testing.assert_close(out.confidence, ref.confidence, rtol=0, atol=1e-12)
     # query 0 is found in the planted border cell (soft-argmax stays within one cell of its centre)
@@ -134,7 +134,7 @@ def test_ties_go_to_first_index(cells):
     fy, fx = divmod(first, 12)
     expected = torch.tensor([(fx + 0.5) * 6, (fy + 0.5) * 4], dtype=torch.float64)
     torch.testing.assert_close(out.positions[0, 0, 0], expected, rtol=0, atol=1e-12)
-    ref = _reference_cost_volume_track(qs, fs, IMAGE, radius=2.0)
+    ref = reference_cost_volume_track(qs, fs, IMAGE, radius=2.0)
     torch.testing.assert_close(out.positions, ref.positions, rtol=0, atol=1e-12)
 
 
@@ -182,9 +182,9 @@ def test_max_normalisation_is_invariant_and_prevents_float32_underflow():
         f[:, :, 0] = 0.005 * (torch.rand(b, t, h, w, generator=g, dtype=torch.float64) * 2 - 1)
         qs.append(q)
         fs.append(f)
-    ref64 = _reference_cost_volume_track(qs, fs, IMAGE, form="authors")
+    ref64 = reference_cost_volume_track(qs, fs, IMAGE, form="authors")
     q32, f32 = [q.float() for q in qs], [f.float() for f in fs]
-    naive32 = _reference_cost_volume_track(q32, f32, IMAGE, form="authors")
+    naive32 = reference_cost_volume_track(q32, f32, IMAGE, form="authors")
     # the unnormalised float32 volumes are all zero: the naive path falls back to cell (0, 0) and confidence 0
     assert (naive32.confidence == 0).all()
     assert (naive32.positions.double() - ref64.positions).abs().max() > 1.0
@@ -204,7 +204,7 @@ def test_query_frames_return_query_points():
     qf = torch.tensor([[0, 3, 1, 1, 2], [2, 2, 0, 3, 3]])
     plain = _track(qs, fs)
     out = _track(qs, fs, query_points=qp, query_frames=qf)
-    ref = _reference_cost_volume_track(qs, fs, IMAGE, query_points=qp, query_frames=qf)
+    ref = reference_cost_volume_track(qs, fs, IMAGE, query_points=qp, query_frames=qf)
     is_q = torch.arange(4)[None, :, None] == qf[:, None, :]
     for b in range(2):
         for n in range(5):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.ops.cost_volume import _reference_cost_volume_track, cost_volume_track
+from common.ops._cost_volume_reference import reference_cost_volume_track
+from common.ops.cost_volume import cost_volume_track
 
 pytestmark = pytest.mark.triton
 
@@ -57,7 +58,7 @@ def test_triton_forward_matches_torch_path(form, gamma, radius):
     assert tri.positions.shape == (2, 2, 37, 2) and tri.positions.dtype == torch.float32
     torch.testing.assert_close(tri.positions, ref.positions, rtol=0, atol=2e-4)
     torch.testing.assert_close(tri.confidence, ref.confidence, rtol=0, atol=1e-5)
-    exact = _reference_cost_volume_track([q.double() for q in qs], [f.double() for f in fs], IMAGE, form=form,
+    exact = reference_cost_volume_track([q.double() for q in qs], [f.double() for f in fs], IMAGE, form=form,
                                          gamma=gamma, radius=radius)
     torch.testing.assert_close(tri.positions.double(), exact.positions, rtol=0, atol=2e-4)
 

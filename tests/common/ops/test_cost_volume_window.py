@@ -1,6 +1,6 @@
 """Tests of the windowed searches of common.ops.cost_volume ("chained", "coarse_to_fine"; PyTorch path).
 
-Every numerical check compares with :func:`_reference_windowed_track`, a naive float64 reference that builds the full
+Every numerical check compares with :func:`reference_windowed_track`, a naive float64 reference that builds the full
 combined map and masks it to the window in Python loops (it shares no code with the windowed path), or with
 hand-built feature maps whose answer is known exactly.
 """
@@ -12,7 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.ops.cost_volume import _reference_windowed_track, cost_volume_track
+from common.ops._cost_volume_reference import reference_windowed_track
+from common.ops.cost_volume import cost_volume_track
 
 IMAGE = (40, 72)  # (H, W): 4 px per fine cell in y, 6 px in x, so an x/y swap cannot pass
 GRIDS = ((10, 12), (10, 12), (5, 6))  # SpeckNet's layout: two fine scales, one coarse, finest first
@@ -55,7 +56,7 @@ def test_windowed_matches_naive_float64_reference(search, form, search_radius, r
     qf[0] = torch.tensor([0, 4, 2, 1])  # both chain ends and the middle, mixed within a video
     kw = dict(search=search, search_radius=search_radius, form=form, radius=radius, query_points=qp, query_frames=qf)
     out = _track(qs, fs, chunk_frames=2, chunk_points=3, **kw)  # chunks of 6 triples: several per step
-    ref = _reference_windowed_track(qs, fs, IMAGE, **kw)
+    ref = reference_windowed_track(qs, fs, IMAGE, **kw)
     assert out.positions.shape == (2, 5, 4, 2) and out.positions.dtype == torch.float64
     torch.testing.assert_close(out.positions, ref.positions, rtol=0, atol=1e-9)
     torch.testing.assert_close(out.confidence, ref.confidence, rtol=0, atol=1e-12)
@@ -69,7 +70,7 @@ def test_windowed_matches_naive_float64_reference(search, form, search_radius, r
 def test_coarse_to_fine_window_without_query_points():
     qs, fs, _, _ = _inputs(seed=2)
     out = _track(qs, fs, search="coarse_to_fine", search_radius=2.0)
-    ref = _reference_windowed_track(qs, fs, IMAGE, search="coarse_to_fine", search_radius=2.0)
+    ref = reference_windowed_track(qs, fs, IMAGE, search="coarse_to_fine", search_radius=2.0)
     torch.testing.assert_close(out.positions, ref.positions, rtol=0, atol=1e-9)
     torch.testing.assert_close(out.confidence, ref.confidence, rtol=0, atol=1e-12)
 
@@ -152,7 +153,7 @@ def test_windows_clipped_at_the_border(search, corner):
     qf = torch.tensor([[1, 0]])
     kw = dict(search=search, search_radius=3.0, query_points=qp, query_frames=qf)
     out = _track(qs, fs, **kw)
-    ref = _reference_windowed_track(qs, fs, IMAGE, **kw)
+    ref = reference_windowed_track(qs, fs, IMAGE, **kw)
     torch.testing.assert_close(out.positions, ref.positions, rtol=0, atol=1e-9)
     torch.testing.assert_close(out.confidence, ref.confidence, rtol=0, atol=1e-12)
     cell = out.positions[0, :, 0] / torch.tensor([6.0, 4.0], dtype=torch.float64)
@@ -212,7 +213,7 @@ def test_float32_windowed_search_does_not_underflow():
     qf = torch.tensor([[0, 1, 2]])
     for search in ("chained", "coarse_to_fine"):
         kw = dict(search=search, search_radius=2.0, form="authors", query_points=qp, query_frames=qf)
-        ref = _reference_windowed_track(qs, fs, IMAGE, **kw)
+        ref = reference_windowed_track(qs, fs, IMAGE, **kw)
         out = _track([q.float() for q in qs], [f.float() for f in fs], **{**kw, "query_points": qp.float()})
         torch.testing.assert_close(out.positions.double(), ref.positions, rtol=0, atol=1e-3)
         torch.testing.assert_close(out.confidence.double(), ref.confidence, rtol=0, atol=1e-5)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.ops.cost_volume import _reference_windowed_track, cost_volume_track
+from common.ops._cost_volume_reference import reference_windowed_track
+from common.ops.cost_volume import cost_volume_track
 
 pytestmark = pytest.mark.triton
 
@@ -54,7 +55,7 @@ def test_window_kernel_forward_matches_torch_path_and_reference(search, form):
     assert tri.positions.shape == (2, 4, 5, 2) and tri.positions.dtype == torch.float32
     torch.testing.assert_close(tri.positions, ref.positions, rtol=0, atol=2e-4)
     torch.testing.assert_close(tri.confidence, ref.confidence, rtol=0, atol=1e-5)
-    exact = _reference_windowed_track([q.double() for q in qs], [f.double() for f in fs], IMAGE,
+    exact = reference_windowed_track([q.double() for q in qs], [f.double() for f in fs], IMAGE,
                                       **{**kw, "query_points": qp.double()})
     torch.testing.assert_close(tri.positions.double(), exact.positions, rtol=0, atol=2e-4)
     torch.testing.assert_close(tri.confidence.double(), exact.confidence, rtol=0, atol=1e-5)
