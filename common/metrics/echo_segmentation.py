@@ -10,6 +10,9 @@ adds the tables of the BOTM paper (Sec. 3.1, Tables 1-4):
   undefined (NaN: class absent from the reference) and infinite (class missing from the prediction: HD is
   infinite) values; the "mean" of a metric is the mean of its class means ("averaged across all regions and all
   frames", paper Tables 2-3).
+* :func:`missed_counts` -- how many structures of the reference the prediction left empty ("missed"), per class.
+  A mean HD that leaves them out flatters a model that fails more often, so every report puts this count next to
+  mHD/HD95; ``missed_distance`` of :func:`frame_rows` chooses between leaving them out (default) and a penalty.
 * :func:`patient_rows` -- the mean of every column over a patient's frames (all views), one row per patient.
 * :func:`echo_summary` -- all frames, by phase (ED/ES, Tables 1 and 4), by view (2CH/4CH, Tables 1-2), per
   patient, and the temporal consistency of videos.
@@ -45,6 +48,8 @@ __all__ = [
     "consecutive_dice",
     "echo_summary",
     "frame_rows",
+    "missed_counts",
+    "missed_hd_value",
     "patient_rows",
     "summarise_rows",
     "summary_markdown",
@@ -56,6 +61,8 @@ ECHO_METRICS = ("dice", "iou", "specificity", "hd", "hd95", "mae")
 """The paper's metrics (Dice, HD, IoU, specificity, MAE) plus HD95."""
 _DISTANCES = ("hd", "hd95", "asd")
 _ID_COLUMNS = ("case", "patient", "view", "frame", "phase")
+MISSED_DISTANCES = ("exclude", "diagonal")
+"""Named policies for the distance of a missed structure (a number in mm is also accepted)."""
 
 
 def _as_maps(x: Any, name: str) -> np.ndarray:
@@ -67,9 +74,35 @@ def _as_maps(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+def missed_hd_value(missed_distance: str | float, shape: Sequence[int],
+                    spacing: Sequence[float] | None = None) -> float:
+    """The HD/HD95/ASD given to a structure the prediction misses, under the policy ``missed_distance``.
+
+    ``"exclude"``: infinite (the value is counted as missed and left out of every mean); ``"diagonal"``: the image
+    diagonal ``sqrt((H * row_mm)^2 + (W * col_mm)^2)`` of a ``(H, W)`` frame (pixels when ``spacing`` is None), the
+    largest distance two points of the frame can have; a number ``>= 0``: that distance (mm, or pixels without
+    spacing).
+    """
+    if isinstance(missed_distance, str):
+        if missed_distance == "exclude":
+            return math.inf
+        if missed_distance == "diagonal":
+            h, w = (int(v) for v in shape[-2:])
+            sy, sx = (float(v) for v in spacing[:2]) if spacing is not None else (1.0, 1.0)
+            return float(math.hypot(h * sy, w * sx))
+        raise ValueError(f"missed_distance must be one of {MISSED_DISTANCES} or a distance >= 0, "
+                         f"got {missed_distance!r}")
+    value = float(missed_distance)
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"missed_distance must be one of {MISSED_DISTANCES} or a finite distance >= 0, "
+                         f"got {missed_distance!r}")
+    return value
+
+
 def frame_rows(pred: Any, label: Any, class_names: Sequence[str], spacing: Sequence[float] | None = None,
                metrics: Sequence[str] = ECHO_METRICS, frames: Sequence[int] | None = None,
-               phases: Sequence[str] | None = None, info: Mapping[str, Any] | None = None) -> list[dict]:
+               phases: Sequence[str] | None = None, info: Mapping[str, Any] | None = None,
+               missed_distance: str | float = "exclude") -> list[dict]:
     """Score every frame of a case: one row per frame.
 
     Args:
@@ -80,10 +113,15 @@ def frame_rows(pred: Any, label: Any, class_names: Sequence[str], spacing: Seque
         frames: frame index of each map in its sequence (default ``0..T-1``).
         phases: ``"ED"``, ``"ES"`` or ``""`` per frame.
         info: columns copied into every row (e.g. ``case``, ``patient``, ``view``).
+        missed_distance: HD/HD95/ASD of a class in the reference that the prediction misses (see
+            :func:`missed_hd_value`): ``"exclude"`` (infinite, left out of the means: the default), ``"diagonal"``
+            (the frame's diagonal in mm, so a miss raises the mean instead of vanishing from it) or a number.
 
-    Returns rows ``{**info, "frame", "phase", "<metric>_<class>", "<metric>_mean"}``; ``<metric>_mean`` is the mean
-    over the classes defined in that frame (NaN when none is; infinite when one is infinite). Distances (HD, HD95,
-    ASD) of a class in the reference that the prediction misses are infinite.
+    Returns rows ``{**info, "frame", "phase", "<metric>_<class>", "<metric>_mean", "missed_<class>",
+    "missed_mean"}``; ``<metric>_mean`` is the mean over the classes defined in that frame (NaN when none is;
+    infinite when one is infinite). ``missed_<class>`` is 1.0 when the reference has the class and the prediction
+    does not, 0.0 when both have it, NaN when the reference does not have it; ``missed_mean`` is the fraction of the
+    frame's reference classes that were missed.
     """
     p, y = _as_maps(pred, "pred"), _as_maps(label, "label")
     if p.shape != y.shape:
@@ -97,22 +135,28 @@ def frame_rows(pred: Any, label: Any, class_names: Sequence[str], spacing: Seque
     if len(frames) != t or len(phases) != t:
         raise ValueError(f"frames ({len(frames)}) and phases ({len(phases)}) must have one entry per map ({t})")
     num_classes = len(class_names) + 1
+    penalty = missed_hd_value(missed_distance, p.shape[-2:], spacing)  # validates the policy before any scoring
     rows = []
     for k in range(t):
         row: dict[str, Any] = dict(info or {})
         row["frame"], row["phase"] = frames[k], phases[k]
-        missed = np.array([bool((y[k] == c).any()) and not bool((p[k] == c).any()) for c in range(1, num_classes)])
+        present = np.array([bool((y[k] == c).any()) for c in range(1, num_classes)])
+        missed = present & np.array([not bool((p[k] == c).any()) for c in range(1, num_classes)])
         for m in metrics:
             kw = {"spacing": spacing} if m in _DISTANCES else {}
             # MONAI's per-call notices are silenced inside the metric functions (monai_distance_notices_ignored)
             values = SEGMENTATION_METRICS[m](p[k], y[k], num_classes, **kw)
             if m in _DISTANCES:
-                # a structure the prediction misses is infinitely far (MONAI gives NaN instead of inf for HD95)
-                values = np.where(missed, np.inf, values)
+                # a structure the prediction misses has no surface to measure (MONAI gives NaN for HD95, inf for HD):
+                # one value by the policy for every distance, so HD and HD95 agree on what a miss costs
+                values = np.where(missed, penalty, values)
             for name, v in zip(class_names, values):
                 row[f"{m}_{name}"] = float(v)
             defined = values[~np.isnan(values)]
             row[f"{m}_mean"] = float(defined.mean()) if defined.size else math.nan
+        for name, ref, miss in zip(class_names, present, missed):
+            row[f"missed_{name}"] = float(miss) if ref else math.nan
+        row["missed_mean"] = float(missed.sum() / present.sum()) if present.any() else math.nan
         rows.append(row)
     return rows
 
@@ -159,6 +203,28 @@ def temporal_consistency(pred: Any, label: Any, class_names: Sequence[str]) -> d
 
     return {"pred_consecutive_dice": per_class(dp), "true_consecutive_dice": per_class(dt),
             "abs_difference": per_class(err), "n_transitions": int(p.shape[0] - 1)}
+
+
+def missed_counts(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict:
+    """Missed structures in ``rows`` of :func:`frame_rows`: ``{class: n, "total": n, "frames": n_frames_with_one,
+    "present": n_reference_structures}``.
+
+    A structure is missed when the reference has the class in a frame and the prediction has no pixel of it; its HD
+    is infinite (left out of mHD) or penalised depending on ``missed_distance``, so the count goes next to mHD.
+    """
+    out: dict[str, int] = {}
+    present = 0
+    frames_with = 0
+    for c in class_names:
+        vals = [float(r.get(f"missed_{c}", math.nan)) for r in rows]
+        out[c] = int(sum(v == 1.0 for v in vals))
+        present += sum(not math.isnan(v) for v in vals)
+    for r in rows:
+        frames_with += any(float(r.get(f"missed_{c}", math.nan)) == 1.0 for c in class_names)
+    out["total"] = int(sum(out[c] for c in class_names))
+    out["frames"] = int(frames_with)
+    out["present"] = int(present)
+    return out
 
 
 def _metric_names(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> list[str]:
@@ -214,13 +280,16 @@ def patient_rows(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str],
 
 
 def echo_summary(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str],
-                 temporal: Sequence[Mapping[str, Any]] = (), metrics: Sequence[str] | None = None) -> dict:
+                 temporal: Sequence[Mapping[str, Any]] = (), metrics: Sequence[str] | None = None,
+                 missed_distance: str | float = "exclude") -> dict:
     """The evaluation report as a dict.
 
     Keys: ``n_frames``, ``n_cases``, ``n_patients``, ``all_frames`` (:func:`summarise_rows` over every frame),
     ``by_phase`` (``ED``/``ES`` frames), ``by_view``, ``per_patient`` (:func:`summarise_rows` over
-    :func:`patient_rows`), ``paper`` (the paper's table cells: ``mDice``, ``mHD``, ``mHD95``, ``mIoU``, ``Spe``,
-    ``MAE`` over all frames and by phase, and per-class Dice/HD) and, when ``temporal`` holds per-sequence results of
+    :func:`patient_rows`), ``missed`` (:func:`missed_counts` over all frames, by phase and by view),
+    ``missed_distance`` (the policy the rows were scored with, as given: recorded, not applied here), ``paper`` (the
+    paper's table cells: ``mDice``, ``mHD``, ``mHD95``, ``n_missed``, ``mIoU``, ``Spe``, ``MAE`` over all frames,
+    by phase and by view, and per-class Dice/HD/missed) and, when ``temporal`` holds per-sequence results of
     :func:`temporal_consistency`, ``temporal_consistency`` (their mean per class and over classes).
     """
     if not rows:
@@ -240,6 +309,12 @@ def echo_summary(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str],
     out["by_view"] = {v: summarise_rows([r for r in rows if str(r.get("view")) == v], class_names, metrics)
                       for v in views}
     out["per_patient"] = summarise_rows(patient_rows(rows, class_names, metrics), class_names, metrics)
+    out["missed_distance"] = missed_distance
+    out["missed"] = {
+        "all_frames": missed_counts(rows, class_names),
+        "by_phase": {ph: missed_counts([r for r in rows if r.get("phase") == ph], class_names) for ph in phases},
+        "by_view": {v: missed_counts([r for r in rows if str(r.get("view")) == v], class_names) for v in views},
+    }
     out["paper"] = _paper_cells(out, class_names)
     if temporal:
         keys = ("pred_consecutive_dice", "true_consecutive_dice", "abs_difference")
@@ -260,15 +335,32 @@ def _cell(summary: Mapping[str, Any], metric: str, cls: str = "mean") -> float |
 def _paper_cells(out: Mapping[str, Any], class_names: Sequence[str]) -> dict:
     names = {"mDice": "dice", "mHD": "hd", "mHD95": "hd95", "mIoU": "iou", "Spe": "specificity", "MAE": "mae"}
 
-    def cells(s: Mapping[str, Any]) -> dict:
-        return {k: _cell(s, m) for k, m in names.items() if m in s}
+    missed = out["missed"]
 
-    res = {"all_frames": cells(out["all_frames"]),
-           "by_phase": {ph: cells(s) for ph, s in out["by_phase"].items()},
-           "by_view": {v: cells(s) for v, s in out["by_view"].items()},
-           "per_class": {c: {"Dice": _cell(out["all_frames"], "dice", c), "HD": _cell(out["all_frames"], "hd", c)}
-                         for c in class_names}}
+    def cells(s: Mapping[str, Any], n_missed: Mapping[str, int]) -> dict:
+        res = {k: _cell(s, m) for k, m in names.items() if m in s}
+        res["n_missed"] = n_missed["total"]  # beside mHD: the structures its mean may leave out
+        return res
+
+    res = {"all_frames": cells(out["all_frames"], missed["all_frames"]),
+           "by_phase": {ph: cells(s, missed["by_phase"][ph]) for ph, s in out["by_phase"].items()},
+           "by_view": {v: cells(s, missed["by_view"][v]) for v, s in out["by_view"].items()},
+           "per_class": {c: {"Dice": _cell(out["all_frames"], "dice", c), "HD": _cell(out["all_frames"], "hd", c),
+                             "missed": missed["all_frames"][c]} for c in class_names}}
     return res
+
+
+def _missed_note(summary: Mapping[str, Any]) -> str:
+    policy = summary.get("missed_distance", "exclude")
+    m = summary.get("missed", {}).get("all_frames", {})
+    head = (f"Missed structures (in the reference, empty in the prediction): {m.get('total', 0)} of "
+            f"{m.get('present', 0)} in {m.get('frames', 0)} frames. ")
+    if policy == "exclude":
+        return head + "Their HD/HD95 are left out of the HD means (`missed_distance='exclude'`), so compare mHD " \
+            "only together with the missed count."
+    if policy == "diagonal":
+        return head + "Their HD/HD95 count as the frame's diagonal (`missed_distance='diagonal'`)."
+    return head + f"Their HD/HD95 count as {policy} (`missed_distance={policy}`)."
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -282,25 +374,31 @@ def summary_markdown(summary: Mapping[str, Any], title: str = "BOTM evaluation")
     cls = summary["class_names"]
     lines = [f"# {title}", "", f"{summary['n_frames']} frames, {summary['n_cases']} cases, "
              f"{summary['n_patients']} patients. Distances in mm when the spacing is known.", ""]
-    lines += ["## Per class (Table 1 layout: Dice / HD per structure)", "",
-              "| subset | " + " | ".join(f"{c} Dice | {c} HD" for c in cls) + " |",
-              "|---|" + "---|---|" * len(cls)]
-    subsets = [("all frames", summary["all_frames"])] + [(f"view {v}", s) for v, s in summary["by_view"].items()] \
-        + [(f"phase {p}", s) for p, s in summary["by_phase"].items()]
-    for name, s in subsets:
-        lines.append(f"| {name} | " + " | ".join(f"{_fmt(_cell(s, 'dice', c))} | {_fmt(_cell(s, 'hd', c))}"
-                                                 for c in cls) + " |")
-    cols = ["mDice", "mHD", "mHD95", "mIoU", "Spe", "MAE"]
+    missed = summary.get("missed", {})
+    lines += [_missed_note(summary), ""]
+    lines += ["## Per class (Table 1 layout: Dice / HD per structure, with the missed count)", "",
+              "| subset | " + " | ".join(f"{c} Dice | {c} HD | {c} missed" for c in cls) + " |",
+              "|---|" + "---|---|---|" * len(cls)]
+    subsets = [("all frames", summary["all_frames"], missed.get("all_frames", {}))] + \
+        [(f"view {v}", s, missed.get("by_view", {}).get(v, {})) for v, s in summary["by_view"].items()] + \
+        [(f"phase {p}", s, missed.get("by_phase", {}).get(p, {})) for p, s in summary["by_phase"].items()]
+    for name, s, miss in subsets:
+        lines.append(f"| {name} | " + " | ".join(f"{_fmt(_cell(s, 'dice', c))} | {_fmt(_cell(s, 'hd', c))} | "
+                                                 f"{miss.get(c, '-')}" for c in cls) + " |")
+    cols = ["mDice", "mHD", "mHD95", "n_missed", "mIoU", "Spe", "MAE"]
     lines += ["", "## Averaged over regions and frames (Tables 2-3 layout)", "",
               "| subset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     paper = summary["paper"]
     rows = [("all frames", paper["all_frames"])] + [(f"view {v}", c) for v, c in paper["by_view"].items()] + \
         [(f"phase {p}", c) for p, c in paper["by_phase"].items()]
     for name, c in rows:
-        lines.append(f"| {name} | " + " | ".join(_fmt(c.get(k)) for k in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(str(c.get(k, "-")) if k == "n_missed" else _fmt(c.get(k))
+                                                 for k in cols) + " |")
     pp = summary["per_patient"]
+    n_missed = missed.get("all_frames", {}).get("total", 0)
     lines += ["", f"Per patient (mean over patients of the patient means): mDice {_fmt(_cell(pp, 'dice'))}, "
-              f"mHD {_fmt(_cell(pp, 'hd'))}.", ""]
+              f"mHD {_fmt(_cell(pp, 'hd'))} ({n_missed} missed structures; with `missed_distance='exclude'` a "
+              "patient with one has an infinite mean and is left out).", ""]
     tc = summary.get("temporal_consistency")
     if tc:
         lines += ["## Temporal consistency of video predictions", "",

@@ -51,7 +51,7 @@ def test_train_evaluate_infer_from_the_cli(tmp_path, tiny_json, monkeypatch):
     report = json.loads((root / "eval" / "metrics.json").read_text())
     assert 0.0 <= report["metrics"]["val_mean_dice"] <= 1.0
     paper = report["echo"]["paper"]
-    assert set(paper["all_frames"]) == {"mDice", "mHD", "mHD95", "mIoU", "Spe", "MAE"}
+    assert set(paper["all_frames"]) == {"mDice", "mHD", "mHD95", "n_missed", "mIoU", "Spe", "MAE"}
     assert set(paper["by_phase"]) == {"ED", "ES"} and set(paper["per_class"]) == {"LV", "Myo", "LA"}
     assert report["echo"]["class_names"] == ["LV", "Myo", "LA"]
     with open(root / "eval" / "per_frame.csv") as f:

@@ -65,7 +65,8 @@ def test_reduced_botm_learns_synthetic_camus(tmp_path, run_bundle):
     dice = report["paper"]["all_frames"]["mDice"]
     per_class = {c: report["paper"]["per_class"][c]["Dice"] for c in CLASSES}
     print(f"\nlearning test: held-out mean foreground Dice {dice:.3f} {per_class}, "
-          f"mHD {report['paper']['all_frames']['mHD']:.2f} mm, {report['n_frames']} frames, training {train_s:.0f} s")
+          f"mHD {report['paper']['all_frames']['mHD']:.2f} mm ({report['paper']['all_frames']['n_missed']} missed "
+          f"structures), {report['n_frames']} frames, training {train_s:.0f} s")
     assert report["n_frames"] == 24
 
     # references a model that did not learn from the images cannot beat

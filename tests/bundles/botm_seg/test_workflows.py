@@ -100,7 +100,10 @@ def test_robustness_protocol_override(trained, botm_data, tmp_path, run_bundle):
     # the corruption reaches the network: scores change, and they are reproducible (fixed noise per case)
     assert rows["noise_50"]["MAE"] != rows["clean"]["MAE"] and rows["blur_50"]["MAE"] != rows["clean"]["MAE"]
     table = (out / "robustness" / "robustness.md").read_text()
-    assert "RandomBlur 10%" in table and "BOTM (paper, CAMUS4CH)" in table and "0.906/0.892" in table
+    assert "RandomBlur 10%" in table and "BOTM (paper, CAMUS4CH;" in table and "0.906/0.892" in table
+    # the paper's row is never shown without saying what our percentages mean
+    assert report["severity_mode"] == "strength" and "severity mode `strength`" in table and "not as a like" in table
+    assert all(r["n_missed"] >= 0 for r in rows.values()) and "n_missed" in table
     assert (out / "robustness" / "robustness.png").stat().st_size > 0
     again = tmp_path / "again"
     run_bundle(["train.json", "evaluate.json", "evaluate_robustness.json"], trained, output_dir=str(again),
