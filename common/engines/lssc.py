@@ -100,7 +100,8 @@ def lssc_network(variant: str = "full", modalities: Sequence[str] = ("ct", "mr")
 
 def lssc_loss(variant: str = "full", **kwargs: Any) -> LSSCLoss:
     """:class:`LSSCLoss` with the loss switches (aux, mcr, icr) of a paper variant; ``kwargs`` as ``LSSCLoss``
-    (``alpha``, ``beta``, ``gamma``, ``tau``, ``icr_pairing``)."""
+    (``alpha``, ``beta``, ``gamma``, ``tau``, ``include_background``, ``icr_pairing``, ``icr_reduction``,
+    ``dice_reduction``)."""
     return LSSCLoss(**lssc_loss_kwargs(variant), **kwargs)
 
 

@@ -25,21 +25,37 @@ joint_v1/v2/v3 + CR, full       yes      yes      yes
 Choices the paper does not state
 --------------------------------
 1. ``Lseg`` and each scale of ``Laux`` use MONAI's ``DiceCELoss`` with softmax, one-hot labels, background
-   included, Dice pooled over the batch (``batch=True``, so a structure absent from one slice does not yield a
-   Dice of 0 for that slice alone), ``lambda_ce = lambda_dice = 1`` and MONAI's smoothing (1e-5).
+   included, Dice pooled over the batch (``dice_reduction="batch"``, MONAI's ``batch=True``: one soft Dice per
+   class over all slices of the batch, so a structure absent from one slice does not yield a Dice of 0 for that
+   slice alone), ``lambda_ce = lambda_dice = 1`` and MONAI's smoothing (1e-5). ``dice_reduction="sample"`` computes
+   one Dice per slice and class and averages them (``batch=False``); the cross entropy is the mean over every
+   pixel of the batch in both cases.
 2. Auxiliary labels are downsampled with ``nearest-exact`` interpolation, i.e. the label at the centre of each
    token's footprint; ``Laux`` sums (not averages) its three scales, as Eq. 12 writes.
 3. ``Lmcr`` compares the raw modality-specific class embeddings ``Q_M in R^{Z x 4C}`` (before any EAM) and sums
    over classes; cosine with eps 1e-8.
 4. ``Licr`` pairing: the paper computes Eq. 14 for "any two images from different modalities", generating "many
    sample pairs". The default ``icr_pairing="all_pairs"`` therefore averages Eq. 14 over all ``B1 x B2`` pairs of
-   images of the two batches. ``icr_pairing="mean"`` instead averages each modality's correlation matrices over
-   its batch first and evaluates Eq. 14 once (cheaper; the two agree when each batch has one image). Gradients
+   images of the two batches (``icr_reduction="mean"``; ``"sum"`` sums over the pairs, i.e. multiplies the term,
+   and so the effective ``gamma``, by ``B1 x B2``). ``icr_pairing="mean"`` instead averages each modality's
+   correlation matrices over its batch first and evaluates Eq. 14 once (cheaper; the two agree when each batch
+   has one image; the reduction has nothing to reduce there and must stay ``"mean"``). Gradients
    flow into both modalities' correlations (no stop-gradient); Eq. 14 is summed over the three scales and the
    ``Z`` rows.
 5. Only one modality given (Backbone/Baseline trained per modality): ``L = Lseg + alpha Laux``; the consistency
    terms need both modalities and are then 0.
 6. Labels may be ``(B, H, W)`` or ``(B, 1, H, W)``, integer class indices ``0..Z-1``.
+
+Effective weights
+-----------------
+With the defaults every term of Eq. 15 is a per-batch mean except where Eq. 12-14 write a sum: ``Lseg`` = CE
+(mean over pixels and slices) + Dice (mean over the ``Z`` classes, background included, each pooled over the
+batch); ``Laux`` sums three such terms, so each scale has weight ``alpha`` = 0.5 and the auxiliary task as a whole
+``3 alpha`` = 1.5 per modality; ``Lmcr`` sums ``Z`` cosine distances (``beta`` = 0.5 per class); ``Licr`` sums three
+scales and ``Z`` rows and averages over the ``B1 B2`` image pairs, so read as a sum over pairs (as "generating many
+sample pairs" could mean) its weight is ``gamma / (B1 B2)`` = 0.5 / 144 = 0.0035 per pair at batch 12 + 12, and
+``icr_reduction="sum"`` restores ``gamma`` = 0.5 per pair. With the background included, the four cardiac
+structures carry 4/5 of the Dice term (``include_background=False`` gives them all of it).
 """
 
 from __future__ import annotations
@@ -142,11 +158,22 @@ def symmetric_kl_rows(e1: Tensor, e2: Tensor, tau: float = 4.0) -> Tensor:
     return ((lp1.exp() - lp2.exp()) * (lp1 - lp2)).sum(dim=(-2, -1))
 
 
+def _check_icr_reduction(pairing: str, reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"icr_reduction must be 'mean' or 'sum', got {reduction!r}")
+    if pairing == "mean" and reduction != "mean":
+        raise ValueError(
+            f"icr_reduction={reduction!r} needs icr_pairing='all_pairs': icr_pairing='mean' evaluates Eq. 14 once "
+            "(between batch-mean correlations), there are no pairs to sum"
+        )
+
+
 def image_consistency_loss(
     corr_m1: Sequence[Tensor],
     corr_m2: Sequence[Tensor],
     tau: float = 4.0,
     pairing: Literal["all_pairs", "mean"] = "all_pairs",
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> Tensor:
     """Eq. 14 summed over scales.
 
@@ -156,6 +183,8 @@ def image_consistency_loss(
         tau: temperature (4 in the paper).
         pairing: ``"all_pairs"`` (mean of Eq. 14 over every cross-modal image pair) or ``"mean"`` (Eq. 14 between
             the batch-mean correlation matrices), see choice 4 of the module docstring.
+        reduction: with ``"all_pairs"``, ``"mean"`` (default) or ``"sum"`` of Eq. 14 over the ``B1 x B2`` pairs;
+            ``"mean"`` pairing evaluates Eq. 14 once and accepts only ``"mean"``.
 
     Returns:
         Scalar loss.
@@ -164,6 +193,7 @@ def image_consistency_loss(
         raise ValueError(f"need the same non-zero number of scales, got {len(corr_m1)} and {len(corr_m2)}")
     if pairing not in ("all_pairs", "mean"):
         raise ValueError(f"pairing must be 'all_pairs' or 'mean', got {pairing!r}")
+    _check_icr_reduction(pairing, reduction)
     total = corr_m1[0].new_zeros(())
     for e1, e2 in zip(corr_m1, corr_m2):
         if e1.dim() != 3 or e2.dim() != 3 or e1.shape[1:] != e2.shape[1:] or e1.shape[1] != e1.shape[2]:
@@ -171,7 +201,8 @@ def image_consistency_loss(
         if pairing == "mean":
             total = total + symmetric_kl_rows(e1.mean(0), e2.mean(0), tau)
         else:
-            total = total + symmetric_kl_rows(e1.unsqueeze(1), e2.unsqueeze(0), tau).mean()
+            per_pair = symmetric_kl_rows(e1.unsqueeze(1), e2.unsqueeze(0), tau)  # (B1, B2)
+            total = total + (per_pair.sum() if reduction == "sum" else per_pair.mean())
     return total
 
 
@@ -196,6 +227,8 @@ class LSSCLoss(nn.Module):
         use_icr: bool = True,
         include_background: bool = True,
         icr_pairing: Literal["all_pairs", "mean"] = "all_pairs",
+        icr_reduction: Literal["mean", "sum"] = "mean",
+        dice_reduction: Literal["batch", "sample"] = "batch",
     ) -> None:
         """
         Args:
@@ -204,16 +237,25 @@ class LSSCLoss(nn.Module):
             use_aux, use_mcr, use_icr: loss switches of the variants (:func:`lssc_loss_kwargs`).
             include_background: Dice over the background channel too.
             icr_pairing: ``"all_pairs"`` or ``"mean"``, see :func:`image_consistency_loss`.
+            icr_reduction: ``"mean"`` (default) or ``"sum"`` of ``Licr`` over the image pairs
+                (:func:`image_consistency_loss`); ``"sum"`` multiplies the effective ``gamma`` by ``B1 x B2``.
+            dice_reduction: ``"batch"`` (default: one Dice per class pooled over the batch's slices) or
+                ``"sample"`` (one Dice per slice and class, averaged), for ``Lseg`` and ``Laux``.
         """
         super().__init__()
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
         if icr_pairing not in ("all_pairs", "mean"):
             raise ValueError(f"icr_pairing must be 'all_pairs' or 'mean', got {icr_pairing!r}")
+        _check_icr_reduction(icr_pairing, icr_reduction)
+        if dice_reduction not in ("batch", "sample"):
+            raise ValueError(f"dice_reduction must be 'batch' or 'sample', got {dice_reduction!r}")
         self.alpha, self.beta, self.gamma, self.tau = alpha, beta, gamma, tau
         self.use_aux, self.use_mcr, self.use_icr = use_aux, use_mcr, use_icr
-        self.icr_pairing = icr_pairing
-        self.dice_ce = DiceCELoss(include_background=include_background, to_onehot_y=True, softmax=True, batch=True)
+        self.icr_pairing, self.icr_reduction, self.dice_reduction = icr_pairing, icr_reduction, dice_reduction
+        self.dice_ce = DiceCELoss(
+            include_background=include_background, to_onehot_y=True, softmax=True, batch=dice_reduction == "batch"
+        )
 
     def segmentation_loss(self, logits: Tensor, label: Tensor) -> Tensor:
         """CE + Dice of ``(B, Z, H, W)`` logits against ``(B, [1,] H, W)`` labels."""
@@ -271,7 +313,7 @@ class LSSCLoss(nn.Module):
                         "use_correlations=False?)"
                     )
                 parts["icr"] = image_consistency_loss(
-                    out_m1["correlations"], out_m2["correlations"], self.tau, self.icr_pairing
+                    out_m1["correlations"], out_m2["correlations"], self.tau, self.icr_pairing, self.icr_reduction
                 )
         total = (
             parts["seg_m1"]

@@ -115,8 +115,13 @@ Choices the paper does not state
     keep the modality-specific image embedding (Fig. 3 does not show it); Joint V1's encoders are plain (no
     channel-wise multiplication), as in Fig. 3a. The correlation path (``W^i`` of Eq. 9) is built only for
     "+ CR" variants.
-13. Initialisation is random: the paper fine-tunes from ImageNet-pretrained Swin weights, which are not loaded
-    here (MONAI's block layout differs from the original Swin checkpoints' key names).
+13. Initialisation is random unless ``pretrained_path`` names a Swin-T checkpoint supplied by the user (the paper
+    fine-tunes from ImageNet-pretrained Swin weights; nothing is downloaded). :mod:`common.networks.swin_pretrained`
+    maps its Microsoft or timm key names onto the patch embedding, every encoder's Swin blocks, patch merging and
+    bottleneck LayerNorm and, as Swin-Unet does (``pretrained_decoder``), onto the decoder blocks of the same size;
+    relative-position tables of another window size are resized bicubically. The image and class embeddings,
+    ``w1, W2, W3``, fusions, expandings, head and EAMs keep their initialisation, so each loaded block starts close
+    to the pretrained Swin block (``Phi = 1 + W Omega``, about 1 +- 0.18 per channel at the paper's width, choice 5).
 
 Export: the inference network traces (``torch.jit.trace``) and exports (``torch.export.export``) with
 ``(image, modality_index_tensor)`` inputs, the modality staying a graph input; ``torch.jit.script`` does not work
@@ -137,6 +142,8 @@ from monai.networks.blocks import PatchEmbed
 from monai.networks.layers import trunc_normal_
 from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformerBlock, compute_mask, get_window_size
 from torch import Tensor
+
+from common.networks.swin_pretrained import SwinLoadReport, load_swin_pretrained
 
 __all__ = [
     "LSSC_VARIANTS",
@@ -604,6 +611,8 @@ class LSSCSwinUnet(nn.Module):
         eam_num_heads: Sequence[int] | None = None,
         eam_mlp_ratio: float = 4.0,
         default_modality: str | None = None,
+        pretrained_path: str = "",
+        pretrained_decoder: bool = True,
     ) -> None:
         """
         Args:
@@ -631,6 +640,11 @@ class LSSCSwinUnet(nn.Module):
             eam_mlp_ratio: MLP width ratio of Eq. 8.
             default_modality: modality used when ``forward`` gets ``modality=None`` (e.g. single-input export
                 checks); ``None`` makes a missing modality an error.
+            pretrained_path: a user-supplied Swin-T checkpoint (Microsoft or timm key names) loaded after the
+                random initialisation (choice 13; :func:`common.networks.swin_pretrained.load_swin_pretrained`,
+                strict: shape mismatches and unknown keys are errors); ``""`` = none.
+            pretrained_decoder: with ``pretrained_path``, also initialise the decoder blocks from the encoder stage
+                of the same size (Swin-Unet).
         """
         super().__init__()
         self.modalities = tuple(str(m) for m in modalities)
@@ -741,6 +755,9 @@ class LSSCSwinUnet(nn.Module):
         else:
             self.eams = None
         self._init_weights()
+        self.pretrained_report: SwinLoadReport | None = None
+        if pretrained_path:
+            self.pretrained_report = load_swin_pretrained(self, pretrained_path, load_decoder=pretrained_decoder)
 
     # ------------------------------------------------------------------ init
     def _init_weights(self) -> None:
