@@ -8,11 +8,14 @@ depending on ``method``, an auxiliary network with its own Adam optimiser:
   — epochs ``[0, W)``: displacement steps with ``Ŝ ≡ 1`` (Eq. 2 = Eq. 1); ``[W, 2W)``: scoring steps only (``f``
   frozen); from ``2W`` on every iteration does a displacement step (Eq. 2, ``⌊Ŝ⌋``) and then a scoring step (Eq. 9)
   on a **fresh** forward of the just-updated ``f`` (``⌊û⌋``). The momentum weight ``m_T`` (Eq. 5-7,
-  :class:`~common.losses.adacs.MomentumTVWeight`) is updated after every displacement step with ``μ_T``, the mean
-  squared residual of that step's forward; scoring steps use the current ``m_T``.
+  :class:`~common.losses.adacs.MomentumTVWeight`) is updated after every displacement step with ``μ_T`` from that
+  step's forward (``momentum_residual``: the plain mean squared residual of Eq. 5, or the ``Ŝ``-weighted data term of
+  the authors' code); scoring steps use the current ``m_T``.
 * ``"plain"`` (Eq. 1), ``"adareg"``, ``"adaframe"`` — one displacement step per iteration, no auxiliary net.
 * ``"nll"``, ``"beta_nll"`` — ``f`` and a variance U-Net (:class:`~common.networks.scoring.VarianceNet`) trained
   jointly by one loss; both optimisers step every iteration.
+* every method: ``regularization="displacement"`` puts ``λ R(·)`` on ``û`` (paper), ``"velocity"`` on the velocity
+  field VoxelMorph integrates (×2 at half resolution: the VoxelMorph/AdaCS authors' form).
 
 Everything a resumed run needs — both networks, both optimisers, the momentum state (plain numbers) and the engine's
 epoch/iteration — is :meth:`AdaCSTrainer.checkpoint_dict`; :func:`common.engines.checkpoint.training_state` adds
@@ -61,18 +64,29 @@ from common.losses.adacs import (
     MomentumTVWeight,
     adaframe_loss,
     adareg_loss,
+    adareg_weight,
     beta_nll_loss,
     displacement_step_loss,
     gaussian_nll_loss,
+    gradient_smoothness,
     plain_registration_loss,
     residual_energy,
     scoring_step_loss,
+    weighted_gradient_smoothness,
 )
-from common.metrics.registration import mask_overlap_metrics, nonpositive_jacobian_percent, warp_mask
+from common.metrics.registration import (
+    MASK_BINARIZATIONS,
+    mask_overlap_metrics,
+    nonpositive_jacobian_percent,
+    warp_mask,
+)
 from common.networks.scoring import ScoringNet, VarianceNet
 
 __all__ = [
     "METHODS",
+    "MOMENTUM_RESIDUALS",
+    "REGULARIZATIONS",
+    "EpochMetricsJSONWriter",
     "PRESETS",
     "REGISTRATION_METRICS",
     "SCORE_COLUMNS",
@@ -91,6 +105,11 @@ __all__ = [
 ]
 
 METHODS = ("adacs", "plain", "adareg", "adaframe", "nll", "beta_nll")
+# μ_T of Eq. 5 fed to m_T: "plain" = unweighted mean squared residual (paper), "weighted" = the Ŝ-weighted data term of
+# the displacement step (the authors' code, whose scale 100 was tuned with it)
+MOMENTUM_RESIDUALS = ("plain", "weighted")
+# field of λ‖∇·‖²: "displacement" = û (paper Eq. 1-2), "velocity" = the pre-integration velocity (VoxelMorph authors)
+REGULARIZATIONS = ("displacement", "velocity")
 REGISTRATION_METRICS = ("dice", "hd", "hd95", "asd", "nonpositive_jacobian_percent")
 SCORE_COLUMNS = (*REGISTRATION_METRICS, "dice_identity", "hd_identity", "asd_identity", "hd_mm", "asd_mm")
 
@@ -183,6 +202,13 @@ class AdaCSTrainer(Trainer):
         alpha: weight of ``L_reg`` (Eq. 9).
         beta: weight of ``L_smooth`` (Eq. 9).
         warmup_epochs: ``W`` of Algorithm 1 (AdaCS only).
+        momentum_residual: ``μ_T`` fed to ``m_T`` (:data:`MOMENTUM_RESIDUALS`): ``"plain"`` the unweighted mean
+            squared residual of the displacement step's forward (paper Eq. 5), ``"weighted"`` its ``Ŝ``-weighted data
+            term (the authors' code; equal during warm-up, where ``Ŝ ≡ 1``).
+        regularization: field of ``λ R(·)`` (:data:`REGULARIZATIONS`): ``"displacement"`` ``û`` (paper), or
+            ``"velocity"`` the stationary velocity the estimator integrates, multiplied by 2 when it integrates at half
+            resolution (the VoxelMorph/AdaCS authors' ``Grad(loss_mult=int_downsize)`` on ``preint_flow``; VoxelMorph
+            only). AdaReg's weight is area-averaged onto the velocity grid.
         adareg_c, adaframe_a0, adaframe_b0, beta_nll: baseline constants (see :mod:`common.losses.adacs`).
         inferer: runs ``network`` on ``image`` (``SimpleInferer`` by default).
         epoch_length, non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
@@ -191,7 +217,9 @@ class AdaCSTrainer(Trainer):
 
     ``engine.state.output`` per iteration: ``loss`` (the last step's loss), ``loss_displacement``, ``loss_scoring``
     (NaN when the step did not run), ``tv_weight`` (``m_T``), ``score_mean`` (mean ``Ŝ`` of the batch) and
-    ``phase``.
+    ``phase``. AdaCS also keeps ``engine.state.metrics["tv_weight"]`` (``m_T``) and ``["momentum_mu"]`` (the
+    epoch's mean ``μ``) current, so epoch-level handlers (``StatsHandler``, ``TensorBoardStatsHandler``,
+    :class:`EpochMetricsJSONWriter`) log them once per epoch.
     """
 
     def __init__(
@@ -209,6 +237,8 @@ class AdaCSTrainer(Trainer):
         alpha: float = 0.02,
         beta: float = 1.5,
         warmup_epochs: int = 20,
+        momentum_residual: str = "plain",
+        regularization: str = "displacement",
         adareg_c: float = 50.0,
         adaframe_a0: float = 0.1,
         adaframe_b0: float = 10.0,
@@ -246,6 +276,13 @@ class AdaCSTrainer(Trainer):
                 raise ValueError(f"method {method!r} needs auxiliary_optimizer for its {wanted.__name__}")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if momentum_residual not in MOMENTUM_RESIDUALS:
+            raise ValueError(f"momentum_residual must be one of {MOMENTUM_RESIDUALS}, got {momentum_residual!r}")
+        if regularization not in REGULARIZATIONS:
+            raise ValueError(f"regularization must be one of {REGULARIZATIONS}, got {regularization!r}")
+        if regularization == "velocity" and not getattr(inner.estimator, "has_velocity", False):
+            raise ValueError(f"regularization='velocity' needs an estimator that integrates a velocity field "
+                             f"(VoxelMorph); {type(inner.estimator).__name__} predicts the displacement directly")
         if min(lam, alpha, beta) < 0:
             raise ValueError(f"lam, alpha and beta must be >= 0, got {lam}, {alpha}, {beta}")
         if method == "adacs" and max_epochs <= 2 * warmup_epochs:
@@ -278,12 +315,17 @@ class AdaCSTrainer(Trainer):
         self.momentum = momentum if momentum is not None else (MomentumTVWeight() if method == "adacs" else None)
         self.lam, self.alpha, self.beta = float(lam), float(alpha), float(beta)
         self.warmup_epochs = int(warmup_epochs)
+        self.momentum_residual = momentum_residual
+        self.regularization = regularization
+        # the authors multiply the velocity's Grad loss by int_downsize (2 at half resolution)
+        self.velocity_mult = 2.0 if getattr(inner.estimator, "half_res", False) else 1.0
         self.adareg_c, self.adaframe_a0, self.adaframe_b0 = float(adareg_c), float(adaframe_a0), float(adaframe_b0)
         self.beta_nll = float(beta_nll)
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.logger.info(
             f"AdaCSTrainer: method={method} lam={lam} alpha={alpha} beta={beta} warmup_epochs={warmup_epochs} "
-            f"max_epochs={max_epochs}"
+            f"max_epochs={max_epochs} regularization={regularization} momentum={self.momentum!r} "
+            f"momentum_residual={momentum_residual}"
         )
 
     def checkpoint_dict(self) -> dict[str, Any]:
@@ -300,26 +342,51 @@ class AdaCSTrainer(Trainer):
     def _estimator(self):
         return unwrap(self.network).estimator
 
-    def _forward_f(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _forward_f(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """``(source, target, displacement, warped, velocity)``; ``velocity`` only for the velocity regulariser."""
         source, target = image[:, 0:1], image[:, 1:2]
-        displacement = self.inferer(image, self.network)
+        velocity = None
+        if self.regularization == "velocity":
+            displacement, velocity = self.inferer(image, self.network, return_velocity=True)
+        else:
+            displacement = self.inferer(image, self.network)
         warped = self._estimator().warp(source, displacement, "bilinear")
-        return source, target, displacement, warped
+        return source, target, displacement, warped, velocity
+
+    @property
+    def _lam_displacement(self) -> float:
+        """``λ`` handed to the loss functions: 0 when the velocity carries the regulariser instead."""
+        return 0.0 if self.regularization == "velocity" else self.lam
+
+    def _velocity_term(self, velocity: Tensor | None, weight: Tensor | None = None) -> Tensor | float:
+        """``λ · mult · R(v)`` (``R_w`` with AdaReg's weight on the velocity grid), or 0 for the displacement form."""
+        if velocity is None:
+            return 0.0
+        if weight is None:
+            return self.lam * self.velocity_mult * gradient_smoothness(velocity)
+        if weight.shape[2:] != velocity.shape[2:]:
+            weight = torch.nn.functional.interpolate(weight, size=velocity.shape[2:], mode="area")
+        return self.lam * self.velocity_mult * weighted_gradient_smoothness(velocity, weight)
 
     def _displacement_step(self, image: Tensor, use_score: bool, epoch: int) -> tuple[float, float]:
         """Eq. 2 (``Ŝ ≡ 1`` during warm-up); updates ``m_T`` with this step's ``μ_T``. Returns (loss, mean Ŝ)."""
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        _, target, displacement, warped = self._forward_f(image)
+        _, target, displacement, warped, velocity = self._forward_f(image)
         if use_score:
             with torch.no_grad():  # ⌊Ŝ⌋: g is only evaluated here
                 score = self.auxiliary_network(target)
         else:
             score = torch.ones_like(target)
-        loss = displacement_step_loss(target, warped, displacement, score, self.lam)
+        loss = displacement_step_loss(target, warped, displacement, score, self._lam_displacement)
+        loss = loss + self._velocity_term(velocity)
         loss.backward()
         self.optimizer.step()
-        self.momentum.update(_global_mean(residual_energy(target, warped)), epoch)
+        if self.momentum_residual == "weighted":
+            mu = (score * (target - warped).detach().pow(2)).mean()
+        else:
+            mu = residual_energy(target, warped)
+        self.momentum.update(_global_mean(mu), epoch)
         return float(loss.detach()), float(score.mean())
 
     def _scoring_step(self, image: Tensor) -> tuple[float, float]:
@@ -327,7 +394,7 @@ class AdaCSTrainer(Trainer):
         self.auxiliary_network.train()
         self.auxiliary_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            _, target, _, warped = self._forward_f(image)
+            _, target, _, warped, _ = self._forward_f(image)
         score = self.auxiliary_network(target)
         loss = scoring_step_loss(target, warped, score, self.alpha, self.beta, self.momentum.value)
         loss.backward()
@@ -340,19 +407,23 @@ class AdaCSTrainer(Trainer):
         if self.auxiliary_optimizer is not None:
             self.auxiliary_network.train()
             self.auxiliary_optimizer.zero_grad(set_to_none=True)
-        _, target, displacement, warped = self._forward_f(image)
+        _, target, displacement, warped, velocity = self._forward_f(image)
+        lam = self._lam_displacement
         if self.method == "plain":
-            loss = plain_registration_loss(target, warped, displacement, self.lam)
+            loss = plain_registration_loss(target, warped, displacement, lam)
         elif self.method == "adareg":
-            loss = adareg_loss(target, warped, displacement, self.lam, self.adareg_c)
+            loss = adareg_loss(target, warped, displacement, lam, self.adareg_c)
         elif self.method == "adaframe":
-            loss = adaframe_loss(target, warped, displacement, self.lam, self.adaframe_a0, self.adaframe_b0)
+            loss = adaframe_loss(target, warped, displacement, lam, self.adaframe_a0, self.adaframe_b0)
         else:
             log_var = self.auxiliary_network(target, warped)
             if self.method == "nll":
-                loss = gaussian_nll_loss(target, warped, log_var, displacement, self.lam)
+                loss = gaussian_nll_loss(target, warped, log_var, displacement, lam)
             else:
-                loss = beta_nll_loss(target, warped, log_var, displacement, self.lam, self.beta_nll)
+                loss = beta_nll_loss(target, warped, log_var, displacement, lam, self.beta_nll)
+        weight = adareg_weight(target, warped, self.adareg_c) if self.method == "adareg" and velocity is not None \
+            else None
+        loss = loss + self._velocity_term(velocity, weight)
         loss.backward()
         self.optimizer.step()
         if self.auxiliary_optimizer is not None:
@@ -381,8 +452,62 @@ class AdaCSTrainer(Trainer):
             out["loss_scoring"], out["score_mean"] = engine._scoring_step(image)
         out["loss"] = torch.tensor(out["loss_scoring"] if phase == "scoring" else out["loss_displacement"])
         out["tv_weight"] = engine.momentum.value if engine.momentum is not None else nan
+        if engine.momentum is not None:
+            # kept current every iteration, so epoch-level handlers log the value at the end of each epoch
+            engine.state.metrics["tv_weight"] = engine.momentum.value
+            engine.state.metrics["momentum_mu"] = engine.momentum.epoch_mean
         engine.state.output = out
         return out
+
+
+class EpochMetricsJSONWriter:
+    """Training handler: one JSON record per epoch of the trainer's ``state.metrics`` (e.g. ``tv_weight`` = ``m_T``).
+
+    ``<output_dir>/<filename>`` holds ``{"epochs": [{"epoch": 1, "tv_weight": ..., ...}, ...]}``, rewritten
+    (atomically) after every epoch. A resumed run keeps the records of the epochs before the one it resumes at and
+    replaces the rest, so the file always describes the run that produced the checkpoint.
+
+    Args:
+        output_dir: folder of the file.
+        filename: file name (``train_metrics.json``).
+        keys: the ``state.metrics`` entries to record (all numeric entries by default).
+    """
+
+    def __init__(self, output_dir: str, filename: str = "train_metrics.json",
+                 keys: Sequence[str] | None = None) -> None:
+        self.path = Path(output_dir) / filename
+        self.keys = None if keys is None else list(keys)
+        self.records: list[dict] | None = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        import json
+
+        from common.engines.handlers import write_json_atomic
+
+        epoch = int(engine.state.epoch)
+        if self.records is None:  # first epoch of this run: keep what an earlier (resumed) run wrote before it
+            self.records = []
+            if self.path.is_file():
+                try:
+                    old = json.loads(self.path.read_text()).get("epochs", [])
+                except (OSError, ValueError, AttributeError) as e:
+                    raise ValueError(f"{self.path}: unreadable epoch metrics file ({e}); move it away") from e
+                self.records = [r for r in old if isinstance(r, dict) and int(r.get("epoch", 0)) < epoch]
+        metrics = engine.state.metrics
+        keys = self.keys if self.keys is not None else list(metrics)
+        record: dict[str, Any] = {"epoch": epoch}
+        for k in keys:
+            v = metrics.get(k)
+            v = v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                record[k] = float(v) if np.isfinite(v) else None
+        self.records = [r for r in self.records if int(r["epoch"]) != epoch] + [record]
+        write_json_atomic(self.path, {"epochs": self.records})
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -393,8 +518,15 @@ def _quiet(fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
+def _check_binarization(mask_binarization: str) -> str:
+    if mask_binarization not in MASK_BINARIZATIONS:
+        raise ValueError(f"mask_binarization must be one of {sorted(MASK_BINARIZATIONS)}, got {mask_binarization!r}")
+    return mask_binarization
+
+
 def score_pair(displacement: Tensor, masks: Tensor, metrics: Sequence[str] = SCORE_COLUMNS,
-               spacing: Sequence[float] | None = None) -> tuple[dict[str, float], Tensor]:
+               spacing: Sequence[float] | None = None,
+               mask_binarization: str = "argmax") -> tuple[dict[str, float], Tensor]:
     """Registration scores of one pair.
 
     Args:
@@ -403,6 +535,9 @@ def score_pair(displacement: Tensor, masks: Tensor, metrics: Sequence[str] = SCO
         metrics: the :data:`SCORE_COLUMNS` wanted; ``*_identity`` score the unregistered pair, ``*_mm`` use
             ``spacing``. Only what is asked is computed (the folding % alone costs a batched determinant).
         spacing: pixel size for the ``*_mm`` columns.
+        mask_binarization: how the warped source mask is made binary: ``"argmax"`` (ours: one-hot, bilinear,
+            argmax) or ``"any"`` (the AdaCS authors' evaluation: bilinear, every value > 0 is foreground); see
+            :func:`common.metrics.registration.warp_mask`.
 
     Returns:
         ``({column: value}, warped source mask (1, H, W) long)``.
@@ -413,7 +548,7 @@ def score_pair(displacement: Tensor, masks: Tensor, metrics: Sequence[str] = SCO
     ddf = displacement.detach().float()[None]
     lab = masks.detach().round().long()[None].to(ddf.device)
     src, tgt = lab[:, 0:1], lab[:, 1:2]
-    warped = warp_mask(src, ddf, num_labels=2)
+    warped = warp_mask(src, ddf, mode=MASK_BINARIZATIONS[_check_binarization(mask_binarization)], num_labels=2)
     out: dict[str, float] = {}
     if any(m in metrics for m in ("dice", "hd", "hd95", "asd")):
         res = _quiet(mask_overlap_metrics, warped, tgt, label=1)
@@ -441,9 +576,11 @@ class RegistrationMetricsd(Transform):
     Args:
         metrics: columns of :data:`SCORE_COLUMNS` to compute (all by default; validation during training needs only
             ``["dice"]``).
+        mask_binarization: ``"argmax"`` (default) or ``"any"`` (the AdaCS authors'); see :func:`score_pair`.
     """
 
-    def __init__(self, metrics: Sequence[str] = SCORE_COLUMNS) -> None:
+    def __init__(self, metrics: Sequence[str] = SCORE_COLUMNS, mask_binarization: str = "argmax") -> None:
+        self.mask_binarization = _check_binarization(mask_binarization)
         self.metrics = tuple(metrics)
         bad = [m for m in self.metrics if m not in SCORE_COLUMNS]
         if bad or not self.metrics:
@@ -456,9 +593,11 @@ class RegistrationMetricsd(Transform):
             meta = getattr(d.get("image"), "meta", {}) or {}
             spacing = meta.get("spacing")
             spacing = None if spacing is None else [float(v) for v in _plain(spacing).reshape(-1)[:2]]
-        values, warped = score_pair(_plain(d["pred"]), _plain(d["label"]), self.metrics, spacing)
+        values, warped = score_pair(_plain(d["pred"]), _plain(d["label"]), self.metrics, spacing,
+                                    self.mask_binarization)
         d["scores"] = torch.tensor([values[m] for m in self.metrics], dtype=torch.float64)
         d["score_names"] = list(self.metrics)
+        d["mask_binarization"] = self.mask_binarization
         d["warped_label"] = warped
         return d
 
@@ -475,15 +614,17 @@ class RegistrationMetric(CumulativeIterationMetric):
     Args:
         metric: a column of :data:`SCORE_COLUMNS` (Dice in [0, 1]; HD, HD95, ASD in pixels of the network grid, as
             in the paper; folding in %; ``*_identity`` for the unregistered pair).
+        mask_binarization: for the displacement form only: ``"argmax"`` or ``"any"`` (see :func:`score_pair`).
 
     HD/ASD are infinite when a warped mask is empty; ``aggregate()`` leaves such pairs out of the mean.
     """
 
-    def __init__(self, metric: str = "dice") -> None:
+    def __init__(self, metric: str = "dice", mask_binarization: str = "argmax") -> None:
         super().__init__()
         if metric not in SCORE_COLUMNS:
             raise ValueError(f"metric must be one of {SCORE_COLUMNS}, got {metric!r}")
         self.metric = metric
+        self.mask_binarization = _check_binarization(mask_binarization)
 
     def __call__(self, y_pred: Any, y: Any = None, **kwargs: Any) -> Any:
         # score tables travel with their column names (strings), which the tensor path of IterationMetric rejects
@@ -506,7 +647,8 @@ class RegistrationMetric(CumulativeIterationMetric):
             raise ValueError("a score table needs its score_names as y (from RegistrationMetricsd)")
         if y is None or y.ndim != y_pred.ndim or y.shape[1] != 2:
             raise ValueError("y must stack the source and target masks as 2 channels (B, 2, H, W)")
-        vals = [score_pair(p, m, (self.metric,))[0][self.metric] for p, m in zip(y_pred, y)]
+        vals = [score_pair(p, m, (self.metric,), mask_binarization=self.mask_binarization)[0][self.metric]
+                for p, m in zip(y_pred, y)]
         return torch.tensor(vals, dtype=torch.float32).reshape(-1, 1)
 
     def aggregate(self) -> Tensor:
@@ -638,10 +780,14 @@ class RegistrationReport:
         auxiliary_checkpoint: training checkpoint holding ``auxiliary`` weights.
         n_png: pairs shown in the PNG.
         png_name: PNG file name.
+        mask_binarization: ``"argmax"`` or ``"any"`` (see :func:`score_pair`), for pairs scored here; it is
+            recorded in the summary (``mask_binarization``) and must match :class:`RegistrationMetricsd`'s.
     """
 
     def __init__(self, output_dir: str, auxiliary_network: nn.Module | None = None,
-                 auxiliary_checkpoint: str | None = None, n_png: int = 4, png_name: str = "registration.png") -> None:
+                 auxiliary_checkpoint: str | None = None, n_png: int = 4, png_name: str = "registration.png",
+                 mask_binarization: str = "argmax") -> None:
+        self.mask_binarization = _check_binarization(mask_binarization)
         self.output_dir = Path(output_dir)
         self.auxiliary_network = auxiliary_network
         self.auxiliary_checkpoint = auxiliary_checkpoint
@@ -695,13 +841,17 @@ class RegistrationReport:
             ddf = _plain(out["pred"]).detach().float()[None]
             masks = _plain(out["label"]).detach().round().long()[None].to(ddf.device)
             row: dict[str, Any] = {"pair": str(item.get("name", f"pair{len(self.rows) + 1}"))}
-            if "scores" in out and list(out.get("score_names", [])) == list(SCORE_COLUMNS):
+            scored = "scores" in out and list(out.get("score_names", [])) == list(SCORE_COLUMNS)
+            if scored and out.get("mask_binarization", "argmax") != self.mask_binarization:
+                raise ValueError(f"RegistrationReport(mask_binarization={self.mask_binarization!r}) got pairs scored "
+                                 f"with mask_binarization={out.get('mask_binarization')!r}; configure both alike")
+            if scored:
                 values, warped = dict(zip(SCORE_COLUMNS, _plain(out["scores"]).tolist())), out["warped_label"]
             else:  # not scored by RegistrationMetricsd(all columns): score here
                 spacing = item.get("spacing")
                 cols = SCORE_COLUMNS if spacing is not None else SCORE_COLUMNS[:-2]
                 sp = None if spacing is None else _plain(spacing).reshape(-1)[:2].tolist()
-                values, warped = score_pair(ddf[0], masks[0], cols, sp)
+                values, warped = score_pair(ddf[0], masks[0], cols, sp, self.mask_binarization)
             row.update(values)
             warped = _plain(warped)[0]
             image = _plain(out["image"]).detach().float()
@@ -767,6 +917,7 @@ class RegistrationReport:
     def summary(self, engine=None) -> dict:
         """``{"table1": {...}, "per_pair_csv", "png", "n_pairs", ...}`` over the finite values of every column."""
         out: dict[str, Any] = {"n_pairs": len(self.rows), "per_pair_csv": str(self.csv_path),
+                               "mask_binarization": self.mask_binarization,
                                "png": str(self.png_path) if self.png_path else None}
         stats = {}
         keys = [k for k in (self.rows[0] if self.rows else {}) if k != "pair"]

@@ -13,8 +13,9 @@ AdaCS
 * Eq. 3 :func:`scoring_data_term`: ``L_ucs = mean_x Ŝ(x) [I_t(x) - I_s(x + ⌊û(x)⌋)]²`` (no gradient to ``f``).
 * Eq. 4 :func:`score_regularizer`: ``L_reg = mean_x [1 - Ŝ(x)]²``.
 * Eq. 5 :func:`residual_energy`: ``μ_T = mean_x [I_t(x) - I_s(x + ⌊û_T(x)⌋)]²`` (a detached number).
-* Eq. 6-7 :class:`MomentumTVWeight`: ``b_T = cos((π/2) μ_T)``, ``m_T = γ_T m_{T-1} + (1 - γ_T) b_T``,
-  ``γ_T = min(1 - 1/(epoch + 1), 0.99)``, ``m_0 = 0``; the state is saved in checkpoints.
+* Eq. 6-7 :class:`MomentumTVWeight`: ``b_T = cos((π/2) μ_T)`` (optionally scaled, see choice 4),
+  ``m_T = γ_T m_{T-1} + (1 - γ_T) b_T``, ``γ_T = min(1 - 1/(epoch + 1), 0.99)``, ``m_0 = 0``; the state is saved in
+  checkpoints.
 * Eq. 8-9 :func:`scoring_step_loss`: ``L_se = L_ucs + α L_reg + β L_smooth`` with ``L_smooth = m_T R(Ŝ)``.
 
 ``R`` is :func:`gradient_smoothness`, the squared forward-difference gradient (the ``‖∇·‖²`` of Eq. 1, 2 and 8).
@@ -43,9 +44,12 @@ Choices the paper does not state
    wants that form can pass the velocity from ``VoxelMorphEstimator.forward_with_velocity`` instead.
 3. No background mask: every pixel counts (the authors' code drops pixels where source and target are both 0).
 4. ``μ_T`` (Eq. 5) is whatever the engine passes to :meth:`MomentumTVWeight.update`; :func:`residual_energy` gives
-   the paper's unweighted mean squared residual. The authors' code uses the running epoch mean of the
-   ``Ŝ``-weighted data term and ``b_T = cos(3.14 · 50 · μ_T)``; ``MomentumTVWeight(residual_scale=100)`` is that
-   form (``π/2 · 100 = π · 50``).
+   the paper's unweighted mean squared residual. The class defaults are the paper's Eq. 6 (``residual_scale=1``,
+   ``average="step"``), under which ``m_T`` is ≈ 1 after the first update for realistic residuals (~0.005-0.02).
+   The authors' code uses the running epoch mean of the ``Ŝ``-weighted data term and ``b_T = cos(3.14 · 50 · μ_T)``:
+   ``MomentumTVWeight(residual_scale=100, average="epoch")`` is that form (``π/2 · 100 = π · 50``), with the
+   cosine's argument clipped at ``π/2`` (``clip=True``) so that ``b_T`` stays in ``[0, 1]`` as the paper states
+   (the authors' code lets it go negative for ``μ_T > 0.01``; ``clip=False`` reproduces that).
 5. The time step ``T`` of Eq. 7 is one call of :meth:`MomentumTVWeight.update` (the authors call it after every
    displacement step) and ``epoch`` is the 0-based epoch counted from the start of training, warm-up included.
 6. AdaReg: the weight multiplies the per-pixel squared gradient and is detached (a weight, like ``⌊Ŝ⌋``); the
@@ -65,6 +69,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "MOMENTUM_AVERAGES",
     "MomentumTVWeight",
     "adaframe_loss",
     "adaframe_weight",
@@ -171,35 +176,63 @@ def scoring_step_loss(
     return scoring_data_term(target, warped, score) + alpha * score_regularizer(score) + beta * smooth
 
 
+MOMENTUM_AVERAGES = ("step", "epoch")
+
+
 class MomentumTVWeight:
     """Momentum-guided adaptive TV weight ``m_T`` of Eq. 6-7, with checkpointable state.
 
-    ``update(μ_T, epoch)``: ``b_T = cos((π/2) · residual_scale · μ_T)``,
+    ``update(μ, epoch)``: ``μ_T`` is ``μ`` (``average="step"``, the paper's Eq. 5 at step ``T``) or the mean of every
+    ``μ`` passed during the current epoch so far (``average="epoch"``, the authors' code);
+    ``b_T = cos((π/2) · min(residual_scale · μ_T, 1))`` (``clip=True``) or ``cos((π/2) · residual_scale · μ_T)``;
     ``γ_T = min(1 - 1/(epoch + 1), max_decay)``, ``m_T = γ_T m_{T-1} + (1 - γ_T) b_T``; ``m_0 = 0``.
 
-    The state (``m``, number of updates) is plain Python numbers: ``state_dict()`` can go into a weights-only
-    checkpoint and ``load_state_dict()`` makes a resumed run continue exactly. Arithmetic is in Python floats
-    (double precision).
+    Why a scale: on ``[0, 1]`` images the mean squared residual of a registration is ~0.005-0.02, where the paper's
+    ``cos(π/2 · μ)`` is 0.9995-0.99997, so ``m`` is ≈ 1 from the first update and never follows training (Sec. 4.4,
+    Fig. 5). The authors' code computes ``cos(3.14 · 50 · μ)`` (``residual_scale=100``): ``b`` then falls from 1 at
+    ``μ = 0`` to 0 at ``μ = 0.01``, i.e. it rises from ~0 to ~0.7-0.9 as the residual drops from 0.01-0.02 to
+    0.002-0.005. Beyond ``μ = 1/residual_scale`` the unclipped cosine turns negative (a negative weight would reward
+    rough score maps), hence ``clip``. With ``residual_scale=1`` and ``μ ≤ 1`` the clip never acts: Eq. 6 exactly.
+
+    The state (``m``, number of updates, the running epoch mean) is plain Python numbers: ``state_dict()`` can go
+    into a weights-only checkpoint and ``load_state_dict()`` makes a resumed run continue exactly. Arithmetic is in
+    Python floats (double precision).
 
     Args:
         max_decay: upper bound of the EMA decay ``γ`` (0.99).
         residual_scale: multiplies ``μ_T`` inside the cosine; 1 is the paper's Eq. 6, 100 the authors' code.
+        clip: clip the cosine's argument at ``π/2`` so that ``b_T ∈ [0, 1]`` (the authors' code does not).
+        average: ``"step"`` (paper) or ``"epoch"`` (running mean over the epoch's updates, the authors' code).
     """
 
-    def __init__(self, max_decay: float = 0.99, residual_scale: float = 1.0) -> None:
+    def __init__(self, max_decay: float = 0.99, residual_scale: float = 1.0, clip: bool = True,
+                 average: str = "step") -> None:
         if not 0.0 <= max_decay < 1.0:
             raise ValueError(f"max_decay must be in [0, 1), got {max_decay}")
         if residual_scale <= 0:
             raise ValueError(f"residual_scale must be > 0, got {residual_scale}")
+        if average not in MOMENTUM_AVERAGES:
+            raise ValueError(f"average must be one of {MOMENTUM_AVERAGES}, got {average!r}")
         self.max_decay = float(max_decay)
         self.residual_scale = float(residual_scale)
+        self.clip = bool(clip)
+        self.average = average
         self.m = 0.0
         self.num_updates = 0
+        # running mean of μ over the current epoch (average="epoch")
+        self.epoch = -1
+        self.epoch_sum = 0.0
+        self.epoch_count = 0
 
     @property
     def value(self) -> float:
         """The current weight ``m_T``."""
         return self.m
+
+    @property
+    def epoch_mean(self) -> float:
+        """Mean of the ``μ`` passed during the latest epoch (NaN before the first update)."""
+        return self.epoch_sum / self.epoch_count if self.epoch_count else float("nan")
 
     def decay(self, epoch: int) -> float:
         """``γ = min(1 - 1/(epoch + 1), max_decay)`` for a 0-based ``epoch``."""
@@ -207,19 +240,29 @@ class MomentumTVWeight:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         return min(1.0 - 1.0 / (epoch + 1), self.max_decay)
 
+    def activation(self, mu: float) -> float:
+        """``b = cos(π/2 · residual_scale · μ)``, the argument clipped at ``π/2`` when ``clip``."""
+        x = self.residual_scale * float(mu)
+        return math.cos(0.5 * math.pi * (min(x, 1.0) if self.clip else x))
+
     def update(self, residual: float | Tensor, epoch: int) -> float:
-        """Fold ``μ_T`` (``residual``, e.g. :func:`residual_energy`) into ``m``; returns the new ``m_T``."""
+        """Fold ``μ`` (``residual``, e.g. :func:`residual_energy`) into ``m``; returns the new ``m_T``."""
         mu = float(residual.detach()) if isinstance(residual, Tensor) else float(residual)
         if not math.isfinite(mu):
             raise ValueError(f"residual energy must be finite, got {mu}")
-        b = math.cos(0.5 * math.pi * self.residual_scale * mu)
         gamma = self.decay(epoch)
+        if epoch != self.epoch:
+            self.epoch, self.epoch_sum, self.epoch_count = int(epoch), 0.0, 0
+        self.epoch_sum += mu
+        self.epoch_count += 1
+        b = self.activation(self.epoch_mean if self.average == "epoch" else mu)
         self.m = gamma * self.m + (1.0 - gamma) * b
         self.num_updates += 1
         return self.m
 
     def state_dict(self) -> dict[str, float | int]:
-        return {"m": float(self.m), "num_updates": int(self.num_updates)}
+        return {"m": float(self.m), "num_updates": int(self.num_updates), "epoch": int(self.epoch),
+                "epoch_sum": float(self.epoch_sum), "epoch_count": int(self.epoch_count)}
 
     def load_state_dict(self, state: Mapping[str, float | int]) -> None:
         missing = {"m", "num_updates"} - set(state)
@@ -230,11 +273,15 @@ class MomentumTVWeight:
             raise ValueError(f"MomentumTVWeight state 'm' must be finite, got {m}")
         self.m = m
         self.num_updates = int(state["num_updates"])
+        # checkpoints written before the running epoch mean existed hold no such entry: it restarts at the next epoch
+        self.epoch = int(state.get("epoch", -1))
+        self.epoch_sum = float(state.get("epoch_sum", 0.0))
+        self.epoch_count = int(state.get("epoch_count", 0))
 
     def __repr__(self) -> str:
         return (
             f"MomentumTVWeight(m={self.m}, num_updates={self.num_updates}, max_decay={self.max_decay}, "
-            f"residual_scale={self.residual_scale})"
+            f"residual_scale={self.residual_scale}, clip={self.clip}, average={self.average!r})"
         )
 
 

@@ -7,6 +7,10 @@
   - ``mode="linear"`` (default): one-hot encode all labels, warp every channel with bilinear (trilinear)
     interpolation, take the argmax per pixel (ties and pixels pulled from outside the image go to background, label
     0). Sub-pixel motion moves boundaries smoothly and no label can win by interpolation artefacts.
+  - ``mode="linear_any"``: the AdaCS authors' evaluation — warp the (one-hot) mask bilinearly and count every
+    pixel whose warped foreground value is ``> 0`` as foreground (with several labels, the largest positive warped
+    foreground value wins). Every pixel whose interpolation stencil touches the source mask counts, so the warped
+    mask is up to one pixel larger than with ``"linear"``.
   - ``mode="nearest"``: nearest-neighbour resampling of the label map.
 
 * :func:`mask_overlap_metrics` for one foreground ``label`` (e.g. the myocardium), per image of the batch, with
@@ -44,6 +48,8 @@ from torch import Tensor
 from common.metrics.segmentation import monai_distance_notices_ignored
 
 __all__ = [
+    "MASK_BINARIZATIONS",
+    "MASK_WARP_MODES",
     "jacobian_determinant",
     "mask_overlap_metrics",
     "nonpositive_jacobian_percent",
@@ -51,7 +57,9 @@ __all__ = [
     "warp_mask",
 ]
 
-MASK_WARP_MODES = ("linear", "nearest")
+MASK_WARP_MODES = ("linear", "linear_any", "nearest")
+# evaluation option -> warp_mask mode: "argmax" (ours) or "any" (the AdaCS authors': bilinear, every value > 0)
+MASK_BINARIZATIONS = {"argmax": "linear", "any": "linear_any"}
 Spacing = float | Sequence[float] | None
 
 
@@ -71,8 +79,9 @@ def warp_mask(mask: Tensor, displacement: Tensor, mode: str = "linear", num_labe
     Args:
         mask: ``(B, 1, *spatial)`` integer (or integer-valued float/bool) labels, 0 = background.
         displacement: ``(B, spatial_dims, *spatial)`` in pixels.
-        mode: ``"linear"`` (one-hot, bilinear, argmax) or ``"nearest"``; see the module docstring.
-        num_labels: number of labels including background for ``"linear"``; default ``max(mask) + 1``.
+        mode: ``"linear"`` (one-hot, bilinear, argmax), ``"linear_any"`` (one-hot, bilinear, every value > 0 is
+            foreground: the AdaCS authors' evaluation) or ``"nearest"``; see the module docstring.
+        num_labels: number of labels including background for the linear modes; default ``max(mask) + 1``.
 
     Returns:
         ``(B, 1, *spatial)`` ``torch.long`` label map.
@@ -94,14 +103,22 @@ def warp_mask(mask: Tensor, displacement: Tensor, mode: str = "linear", num_labe
         # MONAI announces its pure-PyTorch resampler on every construction
         warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyTorch native grid_sample",
                                 category=UserWarning)
-        warper = Warp(mode="bilinear" if mode == "linear" else "nearest", padding_mode="zeros")
+        warper = Warp(mode="nearest" if mode == "nearest" else "bilinear", padding_mode="zeros")
     if mode == "nearest":
         return warper(labels.float(), ddf).round().long()
     n = int(labels.max()) + 1 if num_labels is None else int(num_labels)
     if labels.numel() and int(labels.max()) >= n:
         raise ValueError(f"mask has label {int(labels.max())} but num_labels={n}")
     onehot = F.one_hot(labels[:, 0], n).movedim(-1, 1).float()
-    return warper(onehot, ddf).argmax(dim=1, keepdim=True)
+    warped = warper(onehot, ddf)
+    if mode == "linear":
+        return warped.argmax(dim=1, keepdim=True)
+    # "linear_any": background only where no foreground channel received any weight
+    if n == 1:
+        return torch.zeros_like(labels)
+    fg = warped[:, 1:]
+    best = fg.argmax(dim=1, keepdim=True) + 1
+    return torch.where(fg.amax(dim=1, keepdim=True) > 0, best, torch.zeros_like(best))
 
 
 def _onehot_binary(mask: Tensor, label: int) -> Tensor:

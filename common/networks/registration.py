@@ -186,11 +186,26 @@ class DisplacementEstimator(nn.Module):
             return warper(image.to(displacement.dtype), displacement).round().to(image.dtype)
         return warper(image, displacement.to(image.dtype))
 
-    def forward_stacked(self, image: Tensor) -> Tensor:
+    #: ``True`` when :meth:`predict_displacement_and_velocity` exists (a velocity-field estimator such as VoxelMorph)
+    has_velocity: bool = False
+
+    def predict_displacement_and_velocity(self, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(displacement, velocity)`` for a checked pair; only estimators that integrate a velocity field have it."""
+        raise ValueError(
+            f"{type(self).__name__} predicts the displacement directly and has no velocity field to regularise; "
+            "use the displacement regulariser (regularization='displacement') or a VoxelMorph estimator"
+        )
+
+    def forward_stacked(self, image: Tensor, return_velocity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Displacement for a stacked pair ``image = (B, 2, *spatial)`` (channel 0 source, channel 1 target).
 
+        Args:
+            image: the stacked pair.
+            return_velocity: also return the velocity field that was integrated
+                (:meth:`predict_displacement_and_velocity`; training with the authors' regulariser).
+
         Returns:
-            ``(B, spatial_dims, *spatial)`` displacement in pixels.
+            ``(B, spatial_dims, *spatial)`` displacement in pixels, or ``(displacement, velocity)``.
         """
         if image.ndim != self.spatial_dims + 2 or image.shape[1] != 2:
             raise ValueError(
@@ -199,6 +214,8 @@ class DisplacementEstimator(nn.Module):
             )
         source, target = image[:, 0:1], image[:, 1:2]
         self.check_pair(source, target)
+        if return_velocity:
+            return self.predict_displacement_and_velocity(source, target)
         return self.predict_displacement(source, target)  # inference needs no warped image
 
     def scriptable_stacked(self) -> nn.Module:
@@ -227,8 +244,9 @@ class StackedPairAdapter(nn.Module):
             raise ValueError(f"estimator must be a DisplacementEstimator, got {type(estimator).__name__}")
         self.estimator = estimator
 
-    def forward(self, image: Tensor) -> Tensor:
-        return self.estimator.forward_stacked(image)
+    def forward(self, image: Tensor, return_velocity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Displacement of the stacked pair; ``return_velocity`` also returns the integrated velocity (training)."""
+        return self.estimator.forward_stacked(image, return_velocity)
 
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script (and so `monai.bundle ckpt_export` without --use_trace) calls this hook first and
@@ -293,8 +311,14 @@ class VoxelMorphEstimator(DisplacementEstimator):
             return self.net(source, target)
         return super().forward(source, target)
 
+    has_velocity = True
+
     def predict_displacement(self, source: Tensor, target: Tensor) -> Tensor:
         return self._integrate(self.net.backbone(torch.cat([source, target], dim=1)))[0]
+
+    def predict_displacement_and_velocity(self, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(displacement, velocity)``; see :meth:`forward_with_velocity` for the velocity's grid and units."""
+        return self._integrate(self.net.backbone(torch.cat([source, target], dim=1)))
 
     def _integrate(self, velocity: Tensor) -> tuple[Tensor, Tensor]:
         """``(displacement, integrated velocity)``; the latter is on the half-resolution grid when ``half_res``."""
@@ -324,7 +348,7 @@ class VoxelMorphEstimator(DisplacementEstimator):
         ``preint_flow``), for engines that want that form of ``λ‖∇·‖²`` instead of the paper's ``‖∇û‖²``.
         """
         self.check_pair(source, target)
-        displacement, velocity = self._integrate(self.net.backbone(torch.cat([source, target], dim=1)))
+        displacement, velocity = self.predict_displacement_and_velocity(source, target)
         return self.warp(source, displacement, "bilinear"), displacement, velocity
 
 
