@@ -1,5 +1,6 @@
-"""LSSC settings side by side on one split: the full method, the few-shot setting (paper Table 4) and the
-single-modality Baseline, trained and evaluated with the ``lssc_multimodal`` bundle; JSON + Markdown + a plot.
+"""LSSC settings side by side on one split: every row of the paper's Table 2 (Backbone and Baseline per modality,
+Joint V1-V3 with and without the consistency terms, the full method) and Table 4 (1 or 3 labelled MRI or CT volumes
+with all of the other modality), trained and evaluated with the ``lssc_multimodal`` bundle; JSON + Markdown + a plot.
 
 Every setting is one ``train.json`` run and one ``train.json + evaluate.json`` run with the same data split, seed
 and overrides; only the setting's own keys (``variant``, ``modalities``, ``few_shot``) differ. Dice (%) and ASD (mm)
@@ -10,12 +11,13 @@ Examples::
     # the paper's Table 4 question on the synthetic default, CPU-sized (the bundle README's numbers)
     python -m tools.lssc_compare --overrides bundles/lssc_multimodal/configs/demo.json
 
-    # real data, GPU, all settings
-    python -m tools.lssc_compare --dataset_dir /data/MM-WHS --device cuda:0 \\
-        --settings full,full_mr1,full_mr3,baseline_ct,baseline_mr,baseline_mr1
+    # real data, GPU, every run of the paper's Table 2 and Table 4 (``table2``, ``table4`` or ``all`` select groups)
+    python -m tools.lssc_compare --dataset_dir /data/MM-WHS --device cuda:0 --settings all
 
-Outputs under ``output_dir``: ``runs/<setting>/`` (models, evaluation), ``comparison.json``, ``comparison.md`` and
-``comparison.png``; the table is also printed.
+Outputs under ``output_dir``: ``runs/<setting>/`` (models, evaluation), ``comparison.json``, ``comparison.md`` (one row
+per run, then the runs arranged in the paper's Table 2 and Table 4 layouts: Dice and ASD per structure and
+modality, modality means and the overall mean; the single-modality Backbone/Baseline rows combine the CT run and the
+MRI run) and ``comparison.png``; the tables are also printed.
 """
 
 from __future__ import annotations
@@ -31,26 +33,55 @@ import fire
 
 from tools.runs import run_workflow
 
-__all__ = ["SETTINGS", "comparison_markdown", "plot_comparison", "run_comparison", "main"]
+__all__ = ["SETTINGS", "SETTING_GROUPS", "PAPER_TABLES", "comparison_markdown", "paper_table_markdown",
+           "plot_comparison", "run_comparison", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundles" / "lssc_multimodal" / "configs"
 MODALITY_LABELS = {"ct": "CT", "mr": "MRI"}
 SETTINGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "backbone_ct": ("Backbone", "all CT", {"variant": "backbone", "modalities": ["ct"]}),
+    "backbone_mr": ("Backbone", "all MRI", {"variant": "backbone", "modalities": ["mr"]}),
+    "baseline_ct": ("Baseline", "all CT", {"variant": "baseline", "modalities": ["ct"]}),
+    "baseline_mr": ("Baseline", "all MRI", {"variant": "baseline", "modalities": ["mr"]}),
+    "joint_v1": ("Joint V1", "all CT + all MRI", {"variant": "joint_v1"}),
+    "joint_v2": ("Joint V2", "all CT + all MRI", {"variant": "joint_v2"}),
+    "joint_v3": ("Joint V3", "all CT + all MRI", {"variant": "joint_v3"}),
+    "joint_v1_cr": ("Joint V1+CR", "all CT + all MRI", {"variant": "joint_v1+cr"}),
+    "joint_v2_cr": ("Joint V2+CR", "all CT + all MRI", {"variant": "joint_v2+cr"}),
     "full": ("LSSC (full)", "all CT + all MRI", {"variant": "full"}),
     "full_mr1": ("LSSC (full)", "all CT + 1 MRI", {"variant": "full", "few_shot": {"mr": 1}}),
     "full_mr3": ("LSSC (full)", "all CT + 3 MRI", {"variant": "full", "few_shot": {"mr": 3}}),
-    "baseline_ct": ("Baseline", "all CT", {"variant": "baseline", "modalities": ["ct"]}),
-    "baseline_mr": ("Baseline", "all MRI", {"variant": "baseline", "modalities": ["mr"]}),
+    "full_ct1": ("LSSC (full)", "1 CT + all MRI", {"variant": "full", "few_shot": {"ct": 1}}),
+    "full_ct3": ("LSSC (full)", "3 CT + all MRI", {"variant": "full", "few_shot": {"ct": 3}}),
     "baseline_mr1": ("Baseline", "1 MRI", {"variant": "baseline", "modalities": ["mr"], "few_shot": {"mr": 1}}),
 }
 """``name: (method, labelled training data, bundle overrides)``."""
 
+PAPER_TABLES: dict[str, list[tuple[str, list[str]]]] = {
+    "table2": [("Backbone", ["backbone_ct", "backbone_mr"]), ("Baseline", ["baseline_ct", "baseline_mr"]),
+               ("Joint V1", ["joint_v1"]), ("Joint V2", ["joint_v2"]), ("Joint V3", ["joint_v3"]),
+               ("Joint V1+CR", ["joint_v1_cr"]), ("Joint V2+CR", ["joint_v2_cr"]), ("Ours", ["full"])],
+    "table4": [("Baseline", ["baseline_ct", "baseline_mr"]), ("Ours", ["full"]),
+               ("One annotated MRI", ["full_mr1"]), ("Three annotated MRI", ["full_mr3"]),
+               ("One annotated CT", ["full_ct1"]), ("Three annotated CT", ["full_ct3"])],
+}
+"""The paper's tables: ``table: [(paper row, the settings whose CT and MRI scores make that row)]``; a row built from
+two single-modality runs takes CT from the CT run and MRI from the MRI run, as the paper's Backbone/Baseline rows."""
+
+SETTING_GROUPS: dict[str, list[str]] = {
+    name: list(dict.fromkeys(s for _, settings in rows for s in settings)) for name, rows in PAPER_TABLES.items()
+}
+SETTING_GROUPS["all"] = list(dict.fromkeys(SETTING_GROUPS["table2"] + SETTING_GROUPS["table4"]))
+"""Names usable in ``--settings`` for several runs at once: ``table2``, ``table4`` and ``all``."""
+
 
 def _split(value: str | Sequence[str]) -> list[str]:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v) for v in value]
+    names = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [str(v) for v in value]
+    out: list[str] = []
+    for n in names:  # groups expand in place; a run listed twice runs once
+        out += [m for m in SETTING_GROUPS.get(n, [n]) if m not in out]
+    return out
 
 
 def _load_overrides(overrides: str | dict | None) -> dict[str, Any]:
@@ -98,6 +129,47 @@ def comparison_markdown(rows: list[dict[str, Any]], structures: Sequence[str]) -
     return "\n".join(lines) + "\n"
 
 
+def _paper_row(rows: dict[str, dict[str, Any]], settings: Sequence[str], metric: str, mod: str) -> dict | None:
+    """The ``mod`` entry of ``metric`` from the first of ``settings`` that was run and scored that modality."""
+    for name in settings:
+        r = rows.get(name)
+        if r is not None and (e := _modality_entry(r["table2"], metric, mod)) is not None:
+            return e
+    return None
+
+
+def paper_table_markdown(rows: list[dict[str, Any]], structures: Sequence[str], table: str = "table2") -> str:
+    """The runs arranged as the paper's Table 2 or Table 4: per paper row, Dice (%) then ASD (mm) as mean ± std per
+    structure and modality, the modality mean and the overall mean (mean of the CT and MRI means, "–" when a
+    modality was not run). Paper rows none of whose runs is in ``rows`` are left out."""
+    if table not in PAPER_TABLES:
+        raise ValueError(f"unknown paper table {table!r}; choose from {list(PAPER_TABLES)}")
+    by_name = {r["setting"]: r for r in rows}
+    head = ["Methods", *[f"{MODALITY_LABELS[m]} {s}" for m in ("ct", "mr") for s in (*structures, "Mean")],
+            "Overall Mean", "runs"]
+    title = {"table2": "Table 2 layout (paper: 2D Transformer, MM-WHS)",
+             "table4": "Table 4 layout (paper: few-shot, 2D network, MM-WHS)"}[table]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for metric, label, digits in (("dice", "Dice (%)", 1), ("asd", "ASD (mm)", 2)):
+        lines.append("| " + " | ".join([f"**{label}**"] + [""] * (len(head) - 1)) + " |")
+        for paper_row, settings in PAPER_TABLES[table]:
+            ran = [n for n in settings if n in by_name]
+            if not ran:
+                continue
+            cells, means = [paper_row], []
+            for mod in ("ct", "mr"):
+                e = _paper_row(by_name, settings, metric, mod)
+                for st in structures:
+                    cells.append("–" if e is None else f"{e[st]['mean']:.{digits}f}±{e[st]['std']:.{digits}f}")
+                cells.append(_fmt(None if e is None else e["mean"], digits))
+                if e is not None:
+                    means.append(e["mean"])
+            cells.append(_fmt(sum(means) / 2 if len(means) == 2 else None, digits))
+            cells.append(", ".join(ran))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_comparison(rows: list[dict[str, Any]], out_png: str | Path) -> Path:
     """Grouped bars: mean Dice per modality for every setting."""
     import numpy as np
@@ -127,7 +199,8 @@ def run_comparison(settings: str | Sequence[str] = "full,full_mr1,baseline_mr,ba
     """Train and evaluate every setting; write ``comparison.json``, ``comparison.md`` and ``comparison.png``.
 
     Args:
-        settings: names of :data:`SETTINGS`, comma-separated or a list.
+        settings: names of :data:`SETTINGS` or of :data:`SETTING_GROUPS` (``table2``, ``table4``, ``all``),
+            comma-separated or a list.
         output_dir: where runs and reports go.
         dataset_dir: MM-WHS folder (default: the bundle's synthetic default).
         overrides: bundle overrides for every run (e.g. ``epochs``, ``spatial_size``): a dict or a JSON file such as
@@ -138,7 +211,8 @@ def run_comparison(settings: str | Sequence[str] = "full,full_mr1,baseline_mr,ba
     names = _split(settings)
     unknown = [n for n in names if n not in SETTINGS]
     if unknown or not names:
-        raise ValueError(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+        raise ValueError(f"unknown settings {unknown}; choose from {list(SETTINGS)} or the groups "
+                         f"{list(SETTING_GROUPS)}")
     extra = _load_overrides(overrides)
     if dataset_dir is not None:
         if not Path(dataset_dir).expanduser().is_dir():
@@ -171,6 +245,9 @@ def run_comparison(settings: str | Sequence[str] = "full,full_mr1,baseline_mr,ba
     structures = json.loads(metrics_path.read_text())["class_names"]
     out.mkdir(parents=True, exist_ok=True)
     md = comparison_markdown(rows, structures)
+    for table in PAPER_TABLES:
+        if any(n in SETTING_GROUPS[table] for n in names):
+            md += "\n" + paper_table_markdown(rows, structures, table)
     (out / "comparison.md").write_text(md)
     plot_comparison(rows, out / "comparison.png")
     result = {"rows": rows, "overrides": extra, "structures": structures}

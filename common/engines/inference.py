@@ -216,7 +216,8 @@ def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: s
                 raise
             ledger.fail(str(p), str(err), "datalist")
             continue
-        out.append({"image": str(p), "modality": mod})
+        # a JSON entry's heart box (LSSC's crop, common.transforms.slices.HeartBoxCropd) travels with its image
+        out.append({"image": str(p), "modality": mod, **({"heart_box": e["heart_box"]} if "heart_box" in e else {})})
     return out
 
 

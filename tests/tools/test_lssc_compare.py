@@ -7,14 +7,23 @@ import json
 
 import pytest
 
-from tools.lssc_compare import SETTINGS, comparison_markdown, plot_comparison, run_comparison
+from tools.lssc_compare import (
+    PAPER_TABLES,
+    SETTING_GROUPS,
+    SETTINGS,
+    comparison_markdown,
+    paper_table_markdown,
+    plot_comparison,
+    run_comparison,
+)
 
 STRUCTURES = ["LVM", "LAC", "LVC", "AA"]
 
 
 def _table2(dice: dict[str, float], asd: dict[str, float]) -> dict:
     def entry(v):
-        return {**{s: {"mean": v, "std": 0.0, "n": 2} for s in STRUCTURES}, "mean": v, "n_cases": 2}
+        return {**{s: {"mean": v + i, "std": 0.5, "n": 2} for i, s in enumerate(STRUCTURES)}, "mean": v,
+                "n_cases": 2}
 
     return {"dice": {m: entry(v) for m, v in dice.items()}, "asd": {m: entry(v) for m, v in asd.items()}}
 
@@ -31,7 +40,7 @@ def test_markdown_rows_hold_each_settings_scores_and_mark_untrained_modalities()
     md = comparison_markdown(ROWS, STRUCTURES)
     lines = md.splitlines()
     assert lines[2].startswith("| Setting | Method | Labelled training data | CT Dice | MRI Dice | CT ASD | MRI ASD")
-    row = "| full_mr1 | LSSC (full) | all CT + 1 MRI | 81.2 | 70.5 | 1.50 | 2.25 | 70.5 | 70.5 | 70.5 | 70.5 | 12 |"
+    row = "| full_mr1 | LSSC (full) | all CT + 1 MRI | 81.2 | 70.5 | 1.50 | 2.25 | 70.5 | 71.5 | 72.5 | 73.5 | 12 |"
     assert row in md
     assert "| baseline_mr | Baseline | all MRI | – | 66.0 | – | 3.00 |" in md
 
@@ -42,7 +51,7 @@ def test_plot_is_written(tmp_path):
 
 
 def test_bad_arguments_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown settings \['fewshot'\]; choose from"):
+    with pytest.raises(ValueError, match=r"unknown settings \['fewshot'\]; choose from .* or the groups"):
         run_comparison("full,fewshot", output_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="dataset_dir '/no/such/MM-WHS'"):
         run_comparison("full", output_dir=str(tmp_path), dataset_dir="/no/such/MM-WHS")
@@ -56,3 +65,74 @@ def test_settings_are_bundle_overrides_the_config_knows(repo_root):
     train = json.loads((repo_root / "bundles/lssc_multimodal/configs/train.json").read_text())
     for method, data, keys in SETTINGS.values():
         assert set(keys) <= set(train), (method, data)
+
+
+def _fake_row(name: str) -> dict:
+    """A run's row as :func:`run_comparison` builds it, with scores that identify the setting and modality."""
+    k = list(SETTINGS).index(name)
+    mods = SETTINGS[name][2].get("modalities", ["ct", "mr"])
+    dice = {m: 50.0 + k + (0.25 if m == "mr" else 0.0) for m in mods}
+    asd = {m: 1.0 + k / 10 for m in mods}
+    method, data, _ = SETTINGS[name]
+    return {"setting": name, "method": method, "data": data, "train_seconds": 1.0, "table2": _table2(dice, asd)}
+
+
+def test_every_row_of_the_papers_tables_2_and_4_is_produced_from_its_runs():
+    rows = [_fake_row(n) for n in SETTING_GROUPS["all"]]
+    assert set(SETTING_GROUPS["all"]) == set(SETTINGS) - {"baseline_mr1"}  # every run a paper row needs
+    for table, n_rows in (("table2", 8), ("table4", 6)):
+        md = paper_table_markdown(rows, STRUCTURES, table)
+        body = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith(("| Methods", "| **"))]
+        assert [ln.split(" | ")[0][2:] for ln in body] == [r for r, _ in PAPER_TABLES[table]] * 2  # Dice, then ASD
+        assert len(body) == 2 * n_rows
+    t2 = paper_table_markdown(rows, STRUCTURES, "table2")
+    # Backbone combines the CT run (CT columns) and the MRI run (MRI columns); overall = mean of the two means
+    k_ct, k_mr = list(SETTINGS).index("backbone_ct"), list(SETTINGS).index("backbone_mr")
+    ct, mr = 50.0 + k_ct, 50.25 + k_mr
+    assert (f"| Backbone | {ct:.1f}±0.5 | {ct + 1:.1f}±0.5 | {ct + 2:.1f}±0.5 | {ct + 3:.1f}±0.5 | {ct:.1f} | "
+            f"{mr:.1f}±0.5 | {mr + 1:.1f}±0.5 | {mr + 2:.1f}±0.5 | {mr + 3:.1f}±0.5 | {mr:.1f} | "
+            f"{(ct + mr) / 2:.1f} | backbone_ct, backbone_mr |") in t2
+    k = list(SETTINGS).index("joint_v2_cr")
+    assert f"| Joint V2+CR | {50 + k:.1f}±0.5 |" in t2 and t2.rstrip().endswith("| full |")
+    t4 = paper_table_markdown(rows, STRUCTURES, "table4")
+    k = list(SETTINGS).index("full_ct3")
+    assert f"| Three annotated CT | {50 + k:.1f}±0.5 |" in t4 and f"{1 + k / 10:.2f}±0.50" in t4
+    # a paper row whose runs are missing is left out; a half-run row shows "–" for the missing modality
+    part = paper_table_markdown([_fake_row("backbone_ct"), _fake_row("full")], STRUCTURES, "table2")
+    assert "| Joint V1 |" not in part and "| Backbone |" in part and "| – | – | – | – | – | – | backbone_ct |" in part
+    with pytest.raises(ValueError, match="unknown paper table"):
+        paper_table_markdown(rows, STRUCTURES, "table9")
+
+
+def test_groups_expand_to_every_run_of_the_paper_tables(tmp_path):
+    from tools.lssc_compare import _split
+
+    assert _split("table4") == ["baseline_ct", "baseline_mr", "full", "full_mr1", "full_mr3", "full_ct1", "full_ct3"]
+    assert _split("full,table2")[:2] == ["full", "backbone_ct"] and _split("full,table2").count("full") == 1
+    assert len(_split("all")) == 14
+
+
+@pytest.mark.slow
+def test_tiny_runs_produce_the_paper_rows(tmp_path, monkeypatch):
+    """Real training + evaluation at toy size: the single-modality pair (Backbone row), a joint + CR variant and the
+    CT few-shot setting each produce their Table 2 / Table 4 row from the bundle's metrics."""
+    from common.data.synthetic.mmwhs import write_mmwhs
+
+    data = tmp_path / "mmwhs"
+    shape, spacing = (40, 40, 28), (3.6, 3.6, 4.4)
+    write_mmwhs(data, n_ct=5, n_mr=5, seed=3, ct_shape=shape, ct_spacing=spacing, mr_shape=shape,
+                mr_spacing=spacing, progress=False)
+    tiny = {"spatial_size": 32, "pixdim": [4.8, 4.8, 4.8], "embed_dim": 8, "num_heads": [1, 1, 1, 1],
+            "depths": [1, 1, 1, 1], "decoder_depths": [1, 1, 1], "window_size": 2, "batch_size": 2, "epochs": 1,
+            "epoch_length": 1, "val_interval": 100, "augment_prob": 0.0, "torch_threads": 1, "infer_batch_size": 32}
+    out = tmp_path / "cmp"
+    result = run_comparison("backbone_ct,backbone_mr,joint_v1_cr,full_ct1", output_dir=str(out),
+                            dataset_dir=str(data), overrides=tiny, device="cpu")
+    assert [r["setting"] for r in result["rows"]] == ["backbone_ct", "backbone_mr", "joint_v1_cr", "full_ct1"]
+    md = (out / "comparison.md").read_text()
+    assert "Table 2 layout" in md and "Table 4 layout" in md
+    for row in ("| Backbone |", "| Joint V1+CR |", "| One annotated CT |"):
+        assert sum(ln.startswith(row) for ln in md.splitlines()) == 2, row  # its Dice and its ASD line
+    backbone = next(ln for ln in md.splitlines() if ln.startswith("| Backbone |"))
+    assert "–" not in backbone.split(" | ")[1:11]  # CT and MRI columns both filled, from the two runs
+    assert result["rows"][3]["table2"]["dice"]["ct"]["n_cases"] >= 1
