@@ -53,7 +53,7 @@ Choices the paper does not state
    4/2/1/1, i.e. 42x42, 42x42, 42x42 and 21x21 tokens at 672x672) on both frames, and bilinear upsampling
    (``align_corners=False``) of the attention output back to the stage grid. (The authors' code shrinks only the
    keys/values with a learned strided convolution + LayerNorm; pooling both frames keeps the plan square, small and
-   parameter-free.)
+   parameter-free.) ``token_reduction="keys"`` keeps the queries at full resolution instead (choice 13).
 4. Sinkhorn: the shared op with cost ``1 - cos``, uniform marginals, ``eps = 0.1``, row update first (Alg. 1), a
    fixed number of iterations (``sinkhorn_iters``, default 50; the paper's ``t`` is not given) and no early stop,
    so the forward pass has no data-dependent control flow and is deterministic; gradients by unrolling the
@@ -78,7 +78,9 @@ Choices the paper does not state
    i.e. the other frame's embedding matched to position ``j`` of frame ``k``.
 9. Masked softmax (DynamicViT ``softmax_with_policy``): ``(exp(A - max_row A) P + eps / n) /
    (sum_j exp(A - max_row A) P + eps)`` with ``eps = 1e-6``; it equals the plain softmax up to ``eps`` when ``P`` is
-   all ones.
+   all ones. The block computes it with ``y`` in one step, ``(W y + eps / n sum_j y_j) / (W 1 + eps)`` with
+   ``W = exp(A - max_row A) P``, without forming ``P`` or the normalised weights (and in place when no gradient is
+   recorded): the same numbers as :func:`masked_softmax` up to float rounding, at a fraction of the memory traffic.
 10. Fusion (authors' code): ``X_s_in = X_s + alpha X~_s + (1 - alpha) X~_t`` position-wise (both frames have the
     same grid), ``alpha = 0.8``, mirrored for the target. ``fusion="transported"`` instead carries ``X~_\\k`` onto
     frame ``k``'s tokens with the same barycentric projection as in 5 before adding it.
@@ -94,6 +96,16 @@ Choices the paper does not state
     outputs replaced by the untransported tokens (a plain ``X_s + X_t`` would give both frames the same decoder
     input and therefore the same prediction). ``use_importance=False`` sets ``P = 1`` (plain softmax) and creates no
     importance parameters.
+13. ``token_reduction="keys"`` (option; the authors' code reduces only the keys/values): at a stage with reduction
+    ``r > 1`` the queries are frame ``k``'s ``N = h w`` full-resolution tokens and the keys/values live on its pooled
+    grid (``M = N / r^2`` cells). Frame ``k``'s pooled tokens are matched against the other frame's full-resolution
+    tokens (a rectangular ``M x N`` plan, one per direction), the keys ``y_k`` ``(B, M, D)`` are the barycentric
+    projections of the other frame's full-resolution tokens onto the pooled cells, ``z_k`` comes from the pooled
+    tokens, and the policy's "diagonal" (``P = 1``) is the pooled cell that holds the query. ``A_k`` is ``N x M``
+    and ``X~_k`` is already at full resolution (no upsampling); ``fusion="transported"`` carries the other frame's
+    output onto the pooled grid with the same plan and upsamples it bilinearly. At reduction 1 it is the default
+    computation. It costs two ``M x N`` plans per reduced stage instead of one ``M x M`` plan (at 672x672:
+    1764 x 28224 at stage 1, 1764 x 7056 at stage 2); see the bundle README's Performance section.
 """
 
 from __future__ import annotations
@@ -106,13 +118,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.networks.mit import MixVisionTransformer, SegFormerMLPDecoder
-from common.ops.sinkhorn import sinkhorn
+from common.ops.sinkhorn import SinkhornResult, sinkhorn
 
 __all__ = ["AnatomicalImportance", "BOTMBlock", "BOTMSegNet", "masked_softmax", "split_pair_logits"]
 
 _PAIRINGS = ("ot", "single", "add")
 _FUSIONS = ("positional", "transported")
 _SINKHORN_GRADS = ("unrolled", "implicit")
+_TOKEN_REDUCTIONS = ("both", "keys")
 
 
 def masked_softmax(attn: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
@@ -179,6 +192,8 @@ class BOTMBlock(nn.Module):
         alpha: fusion weight of a frame's own cross-transport output.
         fusion: ``"positional"`` or ``"transported"`` (choice 10 of the module docstring).
         sinkhorn_grad: ``"unrolled"`` or ``"implicit"`` differentiation of the Sinkhorn op.
+        token_reduction: ``"both"`` (pool both frames, square plan, update upsampled; choice 3) or ``"keys"``
+            (full-resolution queries, keys/values on the pooled grid, rectangular plans; choice 13).
 
     ``forward(xs, xt)``: two ``(B, D, h, w)`` feature maps (``h, w`` divisible by ``reduction``) -> the fused
     decoder inputs ``(X_s_in, X_t_in)``, both ``(B, D, h, w)``.
@@ -194,8 +209,11 @@ class BOTMBlock(nn.Module):
         alpha: float = 0.8,
         fusion: str = "positional",
         sinkhorn_grad: str = "unrolled",
+        token_reduction: str = "both",
     ) -> None:
         super().__init__()
+        if token_reduction not in _TOKEN_REDUCTIONS:
+            raise ValueError(f"token_reduction must be one of {_TOKEN_REDUCTIONS}, got {token_reduction!r}")
         if reduction < 1:
             raise ValueError(f"BOTM token reduction must be >= 1, got {reduction}")
         if not ot_eps > 0:
@@ -215,19 +233,39 @@ class BOTMBlock(nn.Module):
         self.alpha = float(alpha)
         self.fusion = fusion
         self.sinkhorn_grad = sinkhorn_grad
+        self.token_reduction = token_reduction
         self.importance = AnatomicalImportance(dim) if use_importance else None
 
-    def _attend(self, x: Tensor, y: Tensor) -> Tensor:
-        """Cross-transport attention of tokens ``x`` over their transported counterparts ``y``, both (B, n, D)."""
-        attn = torch.bmm(x, y.transpose(1, 2)) / math.sqrt(self.dim)
+    def _attend(self, x: Tensor, y: Tensor, z_from: Tensor, own: Tensor | None = None) -> Tensor:
+        """Cross-transport attention (Eq. 6) of queries ``x`` (B, N, D) over keys = values ``y`` (B, M, D).
+
+        ``z_from`` (B, M, D): the tokens the importance ``z`` is predicted from (frame k on the key grid). ``own``
+        (N,) long: the key index of each query's own position (the policy's "diagonal"); None means ``N = M`` and
+        query ``i`` owns key ``i``. Returns (B, N, D).
+        """
+        # scaled in place: bmm's backward does not need its output, and a second (B, N, M) buffer costs fresh pages
+        attn = torch.bmm(x, y.transpose(1, 2)).div_(math.sqrt(self.dim))
         if self.importance is None:
-            weights = torch.softmax(attn, dim=-1)
-        else:
-            z = self.importance(x)
-            # P[i, j] = z[j] off the diagonal and 1 on it: diag(1 - z) + 1 z^T
-            policy = torch.diag_embed(1.0 - z) + z.unsqueeze(1)
-            weights = masked_softmax(attn, policy)
-        return torch.bmm(weights, y)
+            return torch.bmm(torch.softmax(attn, dim=-1), y)
+        z = self.importance(z_from)  # (B, M)
+        # masked_softmax(attn, P) @ y with P[i, j] = z[j] and P[i, own(i)] = 1, without building P or the normalised
+        # weights: (W + eps/m) / (W 1 + eps) @ y = (W y + eps/m * sum_j y_j) / (W 1 + eps), W = exp(A - max A) * P.
+        # On the 1764x1764 plans of a 672x672 input this saves four full-size temporaries and passes per direction.
+        eps, m = 1e-6, attn.shape[-1]
+        inplace = not (torch.is_grad_enabled() and (attn.requires_grad or z.requires_grad))
+        shifted = attn.sub_(attn.amax(dim=-1, keepdim=True).detach())
+        expd = shifted.exp_() if inplace else shifted.exp()
+        rows = torch.arange(expd.shape[1], device=expd.device)
+        cols = rows if own is None else own
+        own_e = expd[:, rows, cols]  # a copy: the own entries keep weight exp(A) (policy 1) instead of exp(A) z
+        weights = expd.mul_(z.unsqueeze(1)) if inplace else expd * z.unsqueeze(1)
+        weights[:, rows, cols] = own_e
+        num = torch.bmm(weights, y) + (eps / m) * y.sum(dim=1, keepdim=True)
+        return num / (weights.sum(dim=-1, keepdim=True) + eps)
+
+    def _match(self, queries: Tensor, others: Tensor) -> SinkhornResult:
+        """Sinkhorn plan between ``queries`` (B, N, D) (rows) and ``others`` (B, M, D) (columns), cost 1 - cos."""
+        return sinkhorn(xs=queries, xt=others, eps=self.ot_eps, n_iters=self.sinkhorn_iters, grad=self.sinkhorn_grad)
 
     def forward(self, xs: Tensor, xt: Tensor) -> tuple[Tensor, Tensor]:
         if xs.shape != xt.shape or xs.ndim != 4 or xs.shape[1] != self.dim:
@@ -240,37 +278,77 @@ class BOTMBlock(nn.Module):
             raise ValueError(f"stage grid {h}x{w} is not divisible by the BOTM token reduction {self.reduction}")
         work = torch.float64 if xs.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=xs.device.type, enabled=False):
-            ps, pt = xs.to(work), xt.to(work)
-            if self.reduction > 1:
-                ps = F.avg_pool2d(ps, self.reduction)
-                pt = F.avg_pool2d(pt, self.reduction)
-            hr, wr = ps.shape[-2:]
-            ts = ps.flatten(2).transpose(1, 2)
-            tt = pt.flatten(2).transpose(1, 2)
-            res = sinkhorn(xs=ts, xt=tt, eps=self.ot_eps, n_iters=self.sinkhorn_iters, grad=self.sinkhorn_grad)
-
-            def to_source(values_t: Tensor) -> Tensor:
-                # one transport of [values, 1] gives T v and the row sums T 1 for the exact barycentric projection
-                out = res.transport(torch.cat([values_t, torch.ones_like(values_t[..., :1])], dim=-1))
-                return out[..., :-1] / out[..., -1:]
-
-            def to_target(values_s: Tensor) -> Tensor:
-                out = res.transport_t(torch.cat([values_s, torch.ones_like(values_s[..., :1])], dim=-1))
-                return out[..., :-1] / out[..., -1:]
-
-            att_s = self._attend(ts, to_source(tt))
-            att_t = self._attend(tt, to_target(ts))
-            if self.fusion == "transported":
-                cross_s, cross_t = to_source(att_t), to_target(att_s)
+            if self.reduction > 1 and self.token_reduction == "keys":
+                upd = self._forward_keys(xs.to(work), xt.to(work))
             else:
-                cross_s, cross_t = att_t, att_s
-            upd_s = self.alpha * att_s + (1.0 - self.alpha) * cross_s
-            upd_t = self.alpha * att_t + (1.0 - self.alpha) * cross_t
-            upd = torch.cat([upd_s, upd_t], dim=0).transpose(1, 2).reshape(2 * b, d, hr, wr)
-            if self.reduction > 1:
-                upd = F.interpolate(upd, size=(h, w), mode="bilinear", align_corners=False)
+                upd = self._forward_both(xs.to(work), xt.to(work))
         upd = upd.to(xs.dtype)
         return xs + upd[:b], xt + upd[b:]
+
+    @staticmethod
+    def _tokens(x: Tensor) -> Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+    def _mix(self, att_s: Tensor, att_t: Tensor, cross_s: Tensor, cross_t: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Fusion updates of both frames stacked on the batch axis: (2B, D, *grid)."""
+        upd_s = self.alpha * att_s + (1.0 - self.alpha) * cross_s
+        upd_t = self.alpha * att_t + (1.0 - self.alpha) * cross_t
+        return torch.cat([upd_s, upd_t], dim=0).transpose(1, 2).reshape(-1, self.dim, *grid)
+
+    def _forward_both(self, xs: Tensor, xt: Tensor) -> Tensor:
+        """Both frames pooled: a square plan on the reduced grid, the update upsampled back (choice 3)."""
+        h, w = xs.shape[-2:]
+        ps, pt = xs, xt
+        if self.reduction > 1:
+            ps, pt = F.avg_pool2d(xs, self.reduction), F.avg_pool2d(xt, self.reduction)
+        grid = tuple(ps.shape[-2:])
+        ts, tt = self._tokens(ps), self._tokens(pt)
+        res = self._match(ts, tt)
+        att_s = self._attend(ts, _barycentric(res, tt, to_rows=True), ts)
+        att_t = self._attend(tt, _barycentric(res, ts, to_rows=False), tt)
+        if self.fusion == "transported":
+            cross_s, cross_t = _barycentric(res, att_t, to_rows=True), _barycentric(res, att_s, to_rows=False)
+        else:
+            cross_s, cross_t = att_t, att_s
+        upd = self._mix(att_s, att_t, cross_s, cross_t, grid)
+        if self.reduction > 1:
+            upd = F.interpolate(upd, size=(h, w), mode="bilinear", align_corners=False)
+        return upd
+
+    def _forward_keys(self, xs: Tensor, xt: Tensor) -> Tensor:
+        """Full-resolution queries, keys/values on the reduced grid (choice 13): rectangular plans."""
+        r = self.reduction
+        h, w = xs.shape[-2:]
+        hr, wr = h // r, w // r
+        fs, ft = self._tokens(xs), self._tokens(xt)  # (B, N, D), N = h w
+        ps, pt = self._tokens(F.avg_pool2d(xs, r)), self._tokens(F.avg_pool2d(xt, r))  # (B, M, D), M = N / r^2
+        # each frame's pooled grid matched against the other frame's full-resolution tokens (M x N plans)
+        res_s, res_t = self._match(ps, ft), self._match(pt, fs)
+        keys_s = _barycentric(res_s, ft, to_rows=True)  # the target's tokens carried onto the source's pooled grid
+        keys_t = _barycentric(res_t, fs, to_rows=True)
+        rows = torch.arange(h, device=xs.device).div(r, rounding_mode="floor")
+        cols = torch.arange(w, device=xs.device).div(r, rounding_mode="floor")
+        own = (rows[:, None] * wr + cols[None, :]).flatten()  # pooled cell of every full-resolution position
+        att_s = self._attend(fs, keys_s, ps, own)  # (B, N, D)
+        att_t = self._attend(ft, keys_t, pt, own)
+        if self.fusion == "transported":
+            # the other frame's output carried onto this frame's pooled grid by the same plans, then upsampled
+            carried = torch.cat([_barycentric(res_s, att_t, to_rows=True), _barycentric(res_t, att_s, to_rows=True)])
+            carried = carried.transpose(1, 2).reshape(-1, self.dim, hr, wr)
+            carried = F.interpolate(carried, size=(h, w), mode="bilinear", align_corners=False)
+            cross_s, cross_t = self._tokens(carried[: xs.shape[0]]), self._tokens(carried[xs.shape[0] :])
+        else:
+            cross_s, cross_t = att_t, att_s
+        return self._mix(att_s, att_t, cross_s, cross_t, (h, w))
+
+
+def _barycentric(res: SinkhornResult, values: Tensor, to_rows: bool) -> Tensor:
+    """Exact barycentric projection through a plan ``T``: ``diag(T 1)^-1 T v`` onto the rows (``to_rows``; ``values``
+    on the columns) or ``diag(T^T 1)^-1 T^T v`` onto the columns (choice 5)."""
+    # one transport of [values, 1] gives T v and the row sums T 1 together
+    out = torch.cat([values, torch.ones_like(values[..., :1])], dim=-1)
+    out = res.transport(out) if to_rows else res.transport_t(out)
+    return out[..., :-1] / out[..., -1:]
 
 
 class BOTMSegNet(nn.Module):
@@ -292,6 +370,8 @@ class BOTMSegNet(nn.Module):
         alpha: fusion weight of a frame's own cross-transport output (and of the frame itself for ``"add"``).
         fusion: ``"positional"`` (authors' code) or ``"transported"`` cross-frame term of the fusion.
         sinkhorn_grad: ``"unrolled"`` or ``"implicit"`` differentiation through Sinkhorn.
+        token_reduction: where ``botm_reductions`` applies: ``"both"`` (default; both frames pooled, choice 3) or
+            ``"keys"`` (queries stay at full resolution, only the keys/values are reduced, choice 13).
 
     Shapes: ``(B, 2 in_channels, H, W)`` -> ``(B, 2 num_classes, H, W)`` (source classes first, then target);
     ``(B, in_channels, H, W)`` -> ``(B, num_classes, H, W)`` (the frame paired with itself). ``H`` and ``W`` must be
@@ -321,6 +401,7 @@ class BOTMSegNet(nn.Module):
         alpha: float = 0.8,
         fusion: str = "positional",
         sinkhorn_grad: str = "unrolled",
+        token_reduction: str = "both",
     ) -> None:
         super().__init__()
         if pairing is None:
@@ -369,6 +450,7 @@ class BOTMSegNet(nn.Module):
                         alpha=alpha,
                         fusion=fusion,
                         sinkhorn_grad=sinkhorn_grad,
+                        token_reduction=token_reduction,
                     )
                     for w, r in zip(widths, botm_reductions)
                 ]
