@@ -1,7 +1,18 @@
 """AdaCS against its baselines on one split: the paper's Table 1 and paired t-tests (Table 2), JSON + Markdown.
 
 Every (dataset, architecture, method) is trained with the ``adacs_registration`` bundle's ``train.json`` (same data
-split, same seed, same overrides; only ``method`` differs) and evaluated with ``evaluate.json`` on the test split.
+split, same seed, same overrides) and evaluated with ``evaluate.json`` on the test split. ``--protocol`` chooses how
+the methods are trained (:data:`PROTOCOLS`):
+
+* ``authors`` (default; the AdaCS authors' scripts): the baselines with ``configs/baseline_protocol.json`` (150
+  epochs, Adam 1e-4, the last epoch's weights), AdaCS with its preset (``epochs`` 340 = 300 + 2W, the preset's
+  learning rate) and also the last epoch's weights — no method's model is chosen with test-like labels;
+* ``same``: every method with AdaCS's preset (epochs, learning rate) and the weights of the best validation Dice
+  (the bundle defaults; this tool's behaviour before issue 17).
+
+``--overrides`` apply to every method and win over the protocol (e.g. ``epochs`` of a short CPU run);
+``--method_overrides "{'plain': {'epochs': 200}}"`` sets a knob for one method. The authors also trained every
+method bidirectionally: add ``'bidir': True`` to ``--overrides`` for that.
 The per-pair tables are joined by pair name and AdaCS is compared with each baseline by a two-sided paired t-test
 (``scipy.stats.ttest_rel``) on DSC, HD and ASD.
 
@@ -15,7 +26,8 @@ Examples::
     python -m tools.adacs_compare --dataset_dirs data/pairs48 \\
         --overrides "{'spatial_size': [64, 64], 'epochs': 30, 'warmup_epochs': 3, 'learning_rate': 0.003}"
 
-Outputs under ``output_dir``: ``runs/<dataset>/<architecture>/<method>/`` (models, evaluation), ``comparison.json``
+Outputs under ``output_dir``: ``runs/<protocol>/<dataset>/<architecture>/<method>/`` (models, evaluation),
+``comparison.json``
 and ``comparison.md``; the Markdown tables are also printed.
 """
 
@@ -34,7 +46,8 @@ import numpy as np
 
 from tools.runs import run_workflow
 
-__all__ = ["METHOD_LABELS", "ARCH_LABELS", "run_comparison", "compare_tables", "markdown_tables", "main"]
+__all__ = ["METHOD_LABELS", "ARCH_LABELS", "PROTOCOLS", "method_run_config", "run_comparison", "compare_tables",
+           "markdown_tables", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundles" / "adacs_registration" / "configs"
@@ -44,6 +57,33 @@ METHOD_LABELS = {"plain": None, "nll": "NLL", "beta_nll": "β-NLL", "adaframe": 
 ARCH_LABELS = {"voxelmorph": ("CNN", "Voxelmorph"), "transmorph": ("Transformer", "Transmorph"),
                "diffusemorph": ("Diffusion", "Diffusemorph")}
 TABLE_METRICS = (("DSC", "dice", 100.0), ("HD", "hd", 1.0), ("ASD", "asd", 1.0))
+PROTOCOLS = ("authors", "same")
+BASELINE_PROTOCOL = "baseline_protocol.json"
+
+
+def method_run_config(protocol: str, method: str, overrides: dict[str, Any] | None = None,
+                      method_overrides: dict[str, dict[str, Any]] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Extra config files and overrides that train ``method`` under ``protocol`` (see the module docstring).
+
+    Returns:
+        ``(files, overrides)``: config files to add after ``train.json`` (names in the bundle's ``configs``) and the
+        overrides for the run; ``overrides`` win over the protocol, ``method_overrides[method]`` over both.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    files: list[str] = []
+    out: dict[str, Any] = {}
+    if protocol == "authors":
+        if method == "adacs":
+            out["model_selection"] = "last"
+        else:
+            files.append(BASELINE_PROTOCOL)
+    out.update(overrides or {})
+    bad = sorted(set(method_overrides or {}) - set(METHOD_LABELS))
+    if bad:
+        raise ValueError(f"method_overrides has unknown methods {bad}; choose from {list(METHOD_LABELS)}")
+    out.update((method_overrides or {}).get(method, {}))
+    return files, out
 
 
 def _split(value: str | Sequence[str]) -> list[str]:
@@ -167,7 +207,8 @@ def _run_bundle(files: list[str], overrides: dict[str, Any]) -> None:
 
 def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Sequence[str] = "voxelmorph",
                    methods: str | Sequence[str] = ",".join(METHOD_LABELS), output_dir: str = "output/adacs_compare",
-                   overrides: dict | None = None, device: str | None = None, skip_existing: bool = True) -> dict:
+                   overrides: dict | None = None, device: str | None = None, skip_existing: bool = True,
+                   protocol: str = "authors", method_overrides: dict | None = None) -> dict:
     """Train and evaluate every (dataset, architecture, method); write ``comparison.json`` and ``comparison.md``.
 
     Args:
@@ -175,7 +216,11 @@ def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Seque
         architectures: displacement estimators (``voxelmorph``, ``transmorph``).
         methods: any of ``adacs, plain, adareg, adaframe, nll, beta_nll`` (AdaCS is the reference of Table 2).
         output_dir: where runs and reports go.
-        overrides: bundle config overrides applied to every run (e.g. ``epochs``, ``spatial_size``).
+        overrides: bundle config overrides applied to every run (e.g. ``epochs``, ``spatial_size``); they win over
+            the protocol.
+        protocol: ``"authors"`` (baselines: ``baseline_protocol.json``, every method keeps its last epoch) or
+            ``"same"`` (every method with AdaCS's preset and the best validation Dice); see the module docstring.
+        method_overrides: ``{method: {key: value}}`` for single methods (e.g. ``{"plain": {"epochs": 200}}``).
         device: e.g. ``"cpu"`` or ``"cuda:0"`` (default: the bundle's choice).
         skip_existing: reuse a run whose ``per_pair.csv`` exists (an interrupted comparison resumes).
 
@@ -196,6 +241,8 @@ def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Seque
     bad = [m for m in meths if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; choose from {METHODS}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     extra = dict(overrides or {})
     if device:
         extra["device"] = f"$torch.device({device!r})"
@@ -207,21 +254,24 @@ def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Seque
         names[str(d)] = name
         for arch in archs:
             for method in meths:
-                root = out / "runs" / d.name / arch / method
+                root = out / "runs" / protocol / d.name / arch / method
                 csv_path = root / "eval" / "per_pair.csv"
                 t0 = time.time()
                 if not (skip_existing and csv_path.is_file()):
                     print(f"== {name} {arch} {method}: training", flush=True)
-                    common = {**extra, "dataset_dir": str(d), "architecture": arch, "method": method,
+                    files, run_overrides = method_run_config(protocol, method, extra, method_overrides)
+                    common = {**run_overrides, "dataset_dir": str(d), "architecture": arch, "method": method,
                               "bundle_root": str(root), "output_dir": str(root / "eval")}
-                    _run_bundle(["train.json"], common)
+                    _run_bundle(["train.json", *files], common)
                     print(f"== {name} {arch} {method}: evaluating", flush=True)
-                    _run_bundle(["train.json", "evaluate.json"], common)
+                    _run_bundle(["train.json", *files, "evaluate.json"], common)
                 per_pair.setdefault(name, {}).setdefault(arch, {})[method] = _read_per_pair(csv_path)
                 runs.append({"dataset": name, "dataset_dir": str(d), "architecture": arch, "method": method,
+                             "protocol": protocol,
                              "run_dir": str(root), "per_pair_csv": str(csv_path), "seconds": time.time() - t0})
     result = compare_tables(per_pair)
-    result.update({"runs": runs, "overrides": extra, "datasets": names})
+    result.update({"runs": runs, "overrides": extra, "datasets": names, "protocol": protocol,
+                   "method_overrides": dict(method_overrides or {})})
     out.mkdir(parents=True, exist_ok=True)
     md = markdown_tables(result)
     (out / "comparison.md").write_text(md)

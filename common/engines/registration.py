@@ -14,6 +14,11 @@ depending on ``method``, an auxiliary network with its own Adam optimiser:
 * ``"plain"`` (Eq. 1), ``"adareg"``, ``"adaframe"`` — one displacement step per iteration, no auxiliary net.
 * ``"nll"``, ``"beta_nll"`` — ``f`` and a variance U-Net (:class:`~common.networks.scoring.VarianceNet`) trained
   jointly by one loss; both optimisers step every iteration.
+* every method: ``bidir=True`` (the authors' ``--bidir``) adds the reverse direction ES -> ED from the same forward:
+  the target warped onto the source with the inverse field (:meth:`DisplacementEstimator.inverse_displacement`:
+  ``-v`` integrated for VoxelMorph, ``-û`` otherwise, as in the authors' networks), scored by ``g(I_s)``; every loss
+  (displacement, scoring, baseline) is the **mean** of the two single-direction losses (the authors' weights 0.5/0.5)
+  and ``μ_T`` the mean of the two directions'.
 * every method: ``regularization="displacement"`` puts ``λ R(·)`` on ``û`` (paper), ``"velocity"`` on the velocity
   field VoxelMorph integrates (×2 at half resolution: the VoxelMorph/AdaCS authors' form).
 
@@ -87,6 +92,8 @@ __all__ = [
     "MOMENTUM_RESIDUALS",
     "REGULARIZATIONS",
     "EpochMetricsJSONWriter",
+    "LastEpochModelSaver",
+    "MODEL_SELECTIONS",
     "PRESETS",
     "REGISTRATION_METRICS",
     "SCORE_COLUMNS",
@@ -110,6 +117,9 @@ METHODS = ("adacs", "plain", "adareg", "adaframe", "nll", "beta_nll")
 MOMENTUM_RESIDUALS = ("plain", "weighted")
 # field of λ‖∇·‖²: "displacement" = û (paper Eq. 1-2), "velocity" = the pre-integration velocity (VoxelMorph authors)
 REGULARIZATIONS = ("displacement", "velocity")
+# which weights become models/model.pt: "best_val" = best validation Dice (uses labels), "last" = the last epoch's
+# (the AdaCS authors' protocol for AdaCS and the baselines)
+MODEL_SELECTIONS = ("best_val", "last")
 REGISTRATION_METRICS = ("dice", "hd", "hd95", "asd", "nonpositive_jacobian_percent")
 SCORE_COLUMNS = (*REGISTRATION_METRICS, "dice_identity", "hd_identity", "asd_identity", "hd_mm", "asd_mm")
 
@@ -209,6 +219,8 @@ class AdaCSTrainer(Trainer):
             ``"velocity"`` the stationary velocity the estimator integrates, multiplied by 2 when it integrates at half
             resolution (the VoxelMorph/AdaCS authors' ``Grad(loss_mult=int_downsize)`` on ``preint_flow``; VoxelMorph
             only). AdaReg's weight is area-averaged onto the velocity grid.
+        bidir: also register target -> source with the inverse field and average the two directions' losses (see the
+            module docstring); evaluation and inference stay source -> target.
         adareg_c, adaframe_a0, adaframe_b0, beta_nll: baseline constants (see :mod:`common.losses.adacs`).
         inferer: runs ``network`` on ``image`` (``SimpleInferer`` by default).
         epoch_length, non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
@@ -239,6 +251,7 @@ class AdaCSTrainer(Trainer):
         warmup_epochs: int = 20,
         momentum_residual: str = "plain",
         regularization: str = "displacement",
+        bidir: bool = False,
         adareg_c: float = 50.0,
         adaframe_a0: float = 0.1,
         adaframe_b0: float = 10.0,
@@ -317,6 +330,7 @@ class AdaCSTrainer(Trainer):
         self.warmup_epochs = int(warmup_epochs)
         self.momentum_residual = momentum_residual
         self.regularization = regularization
+        self.bidir = bool(bidir)
         # the authors multiply the velocity's Grad loss by int_downsize (2 at half resolution)
         self.velocity_mult = 2.0 if getattr(inner.estimator, "half_res", False) else 1.0
         self.adareg_c, self.adaframe_a0, self.adaframe_b0 = float(adareg_c), float(adaframe_a0), float(adaframe_b0)
@@ -325,7 +339,7 @@ class AdaCSTrainer(Trainer):
         self.logger.info(
             f"AdaCSTrainer: method={method} lam={lam} alpha={alpha} beta={beta} warmup_epochs={warmup_epochs} "
             f"max_epochs={max_epochs} regularization={regularization} momentum={self.momentum!r} "
-            f"momentum_residual={momentum_residual}"
+            f"momentum_residual={momentum_residual} bidir={self.bidir}"
         )
 
     def checkpoint_dict(self) -> dict[str, Any]:
@@ -343,15 +357,34 @@ class AdaCSTrainer(Trainer):
         return unwrap(self.network).estimator
 
     def _forward_f(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """``(source, target, displacement, warped, velocity)``; ``velocity`` only for the velocity regulariser."""
+        """``(source, target, displacement, warped, velocity)``; ``velocity`` only when the velocity regulariser or
+        the bidirectional inverse of a velocity estimator needs it."""
         source, target = image[:, 0:1], image[:, 1:2]
         velocity = None
-        if self.regularization == "velocity":
+        if self.regularization == "velocity" or (self.bidir and getattr(self._estimator(), "has_velocity", False)):
             displacement, velocity = self.inferer(image, self.network, return_velocity=True)
         else:
             displacement = self.inferer(image, self.network)
         warped = self._estimator().warp(source, displacement, "bilinear")
         return source, target, displacement, warped, velocity
+
+    def _directions(self, image: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+        """One forward of ``f``; per direction ``(fixed, warped moving, displacement, velocity)``: source -> target,
+        and with ``bidir`` target -> source on the inverse field (``-v`` for a velocity, whose ``R`` is the same)."""
+        source, target, displacement, warped, velocity = self._forward_f(image)
+        out = [(target, warped, displacement, velocity)]
+        if self.bidir:
+            est = self._estimator()
+            inverse = est.inverse_displacement(displacement, velocity)
+            out.append((source, est.warp(target, inverse, "bilinear"), inverse,
+                        None if velocity is None else -velocity))
+        return out
+
+    def _auxiliary(self, *inputs: list[Tensor]) -> list[Tensor]:
+        """The auxiliary net on every direction's inputs in ONE forward (one DDP forward per step), split back."""
+        if len(inputs[0]) == 1:
+            return [self.auxiliary_network(*(x[0] for x in inputs))]
+        return list(self.auxiliary_network(*(torch.cat(x) for x in inputs)).chunk(len(inputs[0])))
 
     @property
     def _lam_displacement(self) -> float:
@@ -360,7 +393,7 @@ class AdaCSTrainer(Trainer):
 
     def _velocity_term(self, velocity: Tensor | None, weight: Tensor | None = None) -> Tensor | float:
         """``λ · mult · R(v)`` (``R_w`` with AdaReg's weight on the velocity grid), or 0 for the displacement form."""
-        if velocity is None:
+        if velocity is None or self.regularization != "velocity":
             return 0.0
         if weight is None:
             return self.lam * self.velocity_mult * gradient_smoothness(velocity)
@@ -372,34 +405,38 @@ class AdaCSTrainer(Trainer):
         """Eq. 2 (``Ŝ ≡ 1`` during warm-up); updates ``m_T`` with this step's ``μ_T``. Returns (loss, mean Ŝ)."""
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        _, target, displacement, warped, velocity = self._forward_f(image)
+        dirs = self._directions(image)
         if use_score:
             with torch.no_grad():  # ⌊Ŝ⌋: g is only evaluated here
-                score = self.auxiliary_network(target)
+                scores = self._auxiliary([d[0] for d in dirs])
         else:
-            score = torch.ones_like(target)
-        loss = displacement_step_loss(target, warped, displacement, score, self._lam_displacement)
-        loss = loss + self._velocity_term(velocity)
+            scores = [torch.ones_like(d[0]) for d in dirs]
+        losses, mus = [], []
+        for (target, warped, displacement, velocity), score in zip(dirs, scores):
+            losses.append(displacement_step_loss(target, warped, displacement, score, self._lam_displacement)
+                          + self._velocity_term(velocity))
+            if self.momentum_residual == "weighted":
+                mus.append((score * (target - warped).detach().pow(2)).mean())
+            else:
+                mus.append(residual_energy(target, warped))
+        loss = torch.stack(losses).mean()
         loss.backward()
         self.optimizer.step()
-        if self.momentum_residual == "weighted":
-            mu = (score * (target - warped).detach().pow(2)).mean()
-        else:
-            mu = residual_energy(target, warped)
-        self.momentum.update(_global_mean(mu), epoch)
-        return float(loss.detach()), float(score.mean())
+        self.momentum.update(_global_mean(torch.stack(mus).mean()), epoch)
+        return float(loss.detach()), float(torch.stack([s.mean() for s in scores]).mean())
 
     def _scoring_step(self, image: Tensor) -> tuple[float, float]:
         """Eq. 9 on a fresh forward of ``f`` (``⌊û⌋``). Returns (loss, mean Ŝ)."""
         self.auxiliary_network.train()
         self.auxiliary_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            _, target, _, warped, _ = self._forward_f(image)
-        score = self.auxiliary_network(target)
-        loss = scoring_step_loss(target, warped, score, self.alpha, self.beta, self.momentum.value)
+            dirs = self._directions(image)
+        scores = self._auxiliary([d[0] for d in dirs])
+        loss = torch.stack([scoring_step_loss(target, warped, score, self.alpha, self.beta, self.momentum.value)
+                            for (target, warped, _, _), score in zip(dirs, scores)]).mean()
         loss.backward()
         self.auxiliary_optimizer.step()
-        return float(loss.detach()), float(score.detach().mean())
+        return float(loss.detach()), float(torch.stack([s.detach().mean() for s in scores]).mean())
 
     def _baseline_step(self, image: Tensor) -> float:
         self.network.train()
@@ -407,23 +444,26 @@ class AdaCSTrainer(Trainer):
         if self.auxiliary_optimizer is not None:
             self.auxiliary_network.train()
             self.auxiliary_optimizer.zero_grad(set_to_none=True)
-        _, target, displacement, warped, velocity = self._forward_f(image)
+        dirs = self._directions(image)
         lam = self._lam_displacement
-        if self.method == "plain":
-            loss = plain_registration_loss(target, warped, displacement, lam)
-        elif self.method == "adareg":
-            loss = adareg_loss(target, warped, displacement, lam, self.adareg_c)
-        elif self.method == "adaframe":
-            loss = adaframe_loss(target, warped, displacement, lam, self.adaframe_a0, self.adaframe_b0)
-        else:
-            log_var = self.auxiliary_network(target, warped)
-            if self.method == "nll":
+        log_vars = self._auxiliary([d[0] for d in dirs], [d[1] for d in dirs]) if self.method in ("nll", "beta_nll") \
+            else [None] * len(dirs)
+        losses = []
+        for (target, warped, displacement, velocity), log_var in zip(dirs, log_vars):
+            if self.method == "plain":
+                loss = plain_registration_loss(target, warped, displacement, lam)
+            elif self.method == "adareg":
+                loss = adareg_loss(target, warped, displacement, lam, self.adareg_c)
+            elif self.method == "adaframe":
+                loss = adaframe_loss(target, warped, displacement, lam, self.adaframe_a0, self.adaframe_b0)
+            elif self.method == "nll":
                 loss = gaussian_nll_loss(target, warped, log_var, displacement, lam)
             else:
                 loss = beta_nll_loss(target, warped, log_var, displacement, lam, self.beta_nll)
-        weight = adareg_weight(target, warped, self.adareg_c) if self.method == "adareg" and velocity is not None \
-            else None
-        loss = loss + self._velocity_term(velocity, weight)
+            weight = adareg_weight(target, warped, self.adareg_c) if self.method == "adareg" and velocity is not None \
+                else None
+            losses.append(loss + self._velocity_term(velocity, weight))
+        loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
         loss.backward()
         self.optimizer.step()
         if self.auxiliary_optimizer is not None:
@@ -458,6 +498,46 @@ class AdaCSTrainer(Trainer):
             engine.state.metrics["momentum_mu"] = engine.momentum.epoch_mean
         engine.state.output = out
         return out
+
+
+class LastEpochModelSaver:
+    """Training handler for ``model_selection``: with ``"last"`` it writes the network's weights (state dict) to
+    ``<save_dir>/<filename>`` after every epoch (atomically), so the file holds the last epoch's weights when training
+    ends (the last completed epoch's after an interruption) — the AdaCS authors' protocol, which needs no labels.
+    With ``"best_val"`` it does nothing: the validation ``CheckpointSaver`` (``save_key_metric``) keeps the weights
+    of the best validation Dice instead. The file has the layout MONAI's
+    ``CheckpointSaver(save_dict={"model": network})`` writes (one object: its state dict alone), so the
+    bundle's evaluation/inference ``CheckpointLoader`` reads it.
+
+    Args:
+        save_dir: checkpoint folder (``@ckpt_dir``).
+        network: the trained network (DDP-wrapped or not; the inner module's weights are saved).
+        model_selection: one of :data:`MODEL_SELECTIONS`.
+        filename: file name (``model.pt``).
+    """
+
+    def __init__(self, save_dir: str, network: nn.Module, model_selection: str = "best_val",
+                 filename: str = "model.pt") -> None:
+        if model_selection not in MODEL_SELECTIONS:
+            raise ValueError(f"model_selection must be one of {MODEL_SELECTIONS}, got {model_selection!r}")
+        self.path = Path(save_dir) / filename
+        self.network = network
+        self.model_selection = model_selection
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if self.model_selection == "last":
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        # written aside and renamed, so an interruption never leaves a truncated model.pt
+        torch.save(unwrap(self.network).state_dict(), tmp)
+        os.replace(tmp, self.path)
 
 
 class EpochMetricsJSONWriter:

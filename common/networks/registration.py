@@ -218,6 +218,11 @@ class DisplacementEstimator(nn.Module):
             return self.predict_displacement_and_velocity(source, target)
         return self.predict_displacement(source, target)  # inference needs no warped image
 
+    def inverse_displacement(self, displacement: Tensor, velocity: Tensor | None = None) -> Tensor:
+        """Approximate inverse of ``displacement`` for bidirectional training: ``-û`` (the TransMorph/AdaCS authors'
+        ``neg_flow``). Velocity estimators override it with the integral of ``-v``."""
+        return -displacement
+
     def scriptable_stacked(self) -> nn.Module:
         """A ``torch.jit.script``-able module computing :meth:`forward_stacked` with this estimator's weights.
 
@@ -331,6 +336,23 @@ class VoxelMorphEstimator(DisplacementEstimator):
         half = 0.5 * F.interpolate(velocity, scale_factor=0.5, mode=mode, align_corners=True)
         ddf = 2.0 * F.interpolate(self.net.dvf2ddf(half), size=velocity.shape[2:], mode=mode, align_corners=True)
         return ddf, half
+
+    def inverse_displacement(self, displacement: Tensor, velocity: Tensor | None = None) -> Tensor:
+        """Inverse field by integrating ``-v`` (the VoxelMorph authors' bidirectional form), on ``displacement``'s grid.
+
+        ``velocity`` is the field :meth:`predict_displacement_and_velocity` returned (half resolution with
+        ``half_res``).
+        """
+        if velocity is None:
+            raise ValueError("VoxelMorph's inverse displacement integrates -v: pass the velocity returned by "
+                             "predict_displacement_and_velocity")
+        if self.integration_steps == 0:
+            return -velocity
+        if not self.half_res:
+            return self.net.dvf2ddf(-velocity)
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        return 2.0 * F.interpolate(self.net.dvf2ddf(-velocity), size=displacement.shape[2:], mode=mode,
+                                   align_corners=True)
 
     def scriptable_stacked(self) -> nn.Module:
         """:class:`ScriptableStackedVoxelMorph` sharing this estimator's backbone (see :meth:`forward_stacked`)."""

@@ -54,7 +54,7 @@ def test_evaluation_binarization_option(trained_bundle, adacs_env, adacs, tmp_pa
     assert any(abs(dice["any"][p][0] - dice["argmax"][p][0]) > 1e-6 for p in dice["any"])
 
 
-def test_config_switches_reach_the_trainer(adacs_env, adacs, monkeypatch):
+def test_config_switches_reach_the_trainer(adacs_env, adacs, monkeypatch, tmp_path):
     from monai.bundle import ConfigParser
 
     monkeypatch.setenv("CARDIAC_DATA_DIR", adacs_env["CARDIAC_DATA_DIR"])
@@ -64,7 +64,9 @@ def test_config_switches_reach_the_trainer(adacs_env, adacs, monkeypatch):
     momentum = parser.get_parsed_content("momentum")
     assert (momentum.residual_scale, momentum.clip, momentum.average) == (100.0, True, "epoch")
     assert parser["momentum_residual"] == "weighted"
-    parser.update({"regularization": "velocity", "network_def#estimator#half_res": True, "epochs": 1,
+    # output and checkpoint folders in tmp_path: building the trainer creates its TensorBoard writers
+    parser.update({"output_dir": str(tmp_path / "eval"), "ckpt_dir": str(tmp_path / "models"),
+                   "regularization": "velocity", "network_def#estimator#half_res": True, "epochs": 1,
                    **{k: json.loads(v) for k, v in adacs.TINY_NETS.items()}})
     trainer = parser.get_parsed_content("train#trainer")
     assert trainer.regularization == "velocity" and trainer.velocity_mult == 2.0
