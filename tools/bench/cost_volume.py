@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from common.ops._cost_volume_reference import reference_cost_volume_track
 from common.ops.cost_volume import cost_volume_track, sample_query_features
-from tools.bench.report import peak_memory_bytes, time_fn, write_report
+from tools.bench.report import peak_memory_bytes, time_fn, time_memory_bars, write_report
 
 __all__ = ["make_inputs", "run", "main"]
 
@@ -234,13 +234,7 @@ def run(
         extra["note"] = "Triton backend not timed on CPU: the interpreter is a correctness tool (see the tests)."
 
     def plot(ax):
-        labels = [r["method"] for r in rows]
-        bars = ax.bar(labels, [r["median_s"] for r in rows], color=["#999999", "#1f77b4", "#2ca02c"][: len(rows)])
-        for bar, r in zip(bars, rows):
-            ax.annotate(f"{r['median_s']:.3g} s\n{r['peak_mb']:.0f} MB", (bar.get_x() + bar.get_width() / 2,
-                        bar.get_height()), ha="center", va="bottom", fontsize=9)
-        ax.set_ylabel("median time (s)")
-        ax.set_ylim(0, max(r["median_s"] for r in rows) * 1.3)
+        time_memory_bars(ax, rows, colors=["#999999", "#1f77b4", "#2ca02c"][: len(rows)])
 
     columns = ["method", "median_s", "min_s", "peak_mb", "speedup_vs_naive", "memory_ratio_vs_naive",
                "max_dpos_vs_naive_px", "max_dpos_vs_float64_px", "positions_equal_1e-4"]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tools.bench.cost_volume import _DIM, _GRIDS, _IMAGE_SIZE, SEARCH_RADIUS, _method, _peak_bytes, _sizes, make_inputs
-from tools.bench.report import time_fn, write_report
+from tools.bench.report import time_fn, time_memory_bars, write_report
 
 __all__ = ["run", "main"]
 
@@ -93,14 +93,7 @@ def run(
         extra["note"] = "Triton backends not timed on CPU: the interpreter is a correctness tool (see the tests)."
 
     def plot(ax):
-        labels = [r["method"] for r in rows]
-        bars = ax.bar(labels, [r["median_s"] for r in rows], color="#1f77b4")
-        for bar, r in zip(bars, rows):
-            ax.annotate(f"{r['median_s']:.3g} s\n{r['peak_mb']:.0f} MB", (bar.get_x() + bar.get_width() / 2,
-                        bar.get_height()), ha="center", va="bottom", fontsize=9)
-        ax.set_ylabel("median time (s)")
-        ax.set_ylim(0, max(r["median_s"] for r in rows) * 1.3)
-        ax.tick_params(axis="x", labelrotation=20)
+        time_memory_bars(ax, rows, rotate_labels=20)
 
     columns = ["method", "median_s", "min_s", "peak_mb", "speedup_vs_global", "memory_ratio_vs_global",
                "median_dpos_vs_global_px", "frac_within_1px_of_global"]

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["time_fn", "PeakRSS", "peak_memory_bytes", "machine_info", "write_report", "copy_bandwidth_gbs"]
+__all__ = ["time_fn", "PeakRSS", "peak_memory_bytes", "machine_info", "write_report", "copy_bandwidth_gbs",
+           "time_memory_bars"]
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -151,3 +152,15 @@ def write_report(
         ax.set_title(title or name)
         paths["png"] = save_figure(fig, out / f"{name}.png", dpi=110)
     return paths
+
+
+def time_memory_bars(ax: Any, rows: Sequence[dict], colors: Any = "#1f77b4", rotate_labels: float = 0.0) -> None:
+    """Bar chart of ``median_s`` per ``method``, each bar annotated with its time and ``peak_mb``."""
+    bars = ax.bar([r["method"] for r in rows], [r["median_s"] for r in rows], color=colors)
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{r['median_s']:.3g} s\n{r['peak_mb']:.0f} MB", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("median time (s)")
+    ax.set_ylim(0, max(r["median_s"] for r in rows) * 1.3)
+    if rotate_labels:
+        ax.tick_params(axis="x", labelrotation=rotate_labels)

@@ -12,21 +12,11 @@ import torch
 from common.ops._cost_volume_reference import reference_cost_volume_track
 from common.ops.cost_volume import cost_volume_track
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("one_torch_thread")]
 
 IMAGE = (40, 84)
 # finest 10x14 = 140 cells = 2 full 64-cell tiles + a partial one; 4x5 coarse: ratios 0.4 and 0.357 (non-integer)
 GRIDS = ((10, 14), (10, 14), (4, 5))
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # the PyTorch-path calls here use tiny tensors: with 2 OpenMP threads on a shared 2-core machine every op waits
-    # for its partner thread; results do not depend on the thread count
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs(b=1, t=2, n=5, d=6, grids=GRIDS, seed=0):

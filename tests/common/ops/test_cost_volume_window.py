@@ -19,13 +19,7 @@ IMAGE = (40, 72)  # (H, W): 4 px per fine cell in y, 6 px in x, so an x/y swap c
 GRIDS = ((10, 12), (10, 12), (5, 6))  # SpeckNet's layout: two fine scales, one coarse, finest first
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # tiny tensors: with 2 OpenMP threads on a shared 2-core machine every op waits for its partner thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(b=2, t=5, n=4, d=6, grids=GRIDS, seed=0, dtype=torch.float64):

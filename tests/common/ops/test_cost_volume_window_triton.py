@@ -14,18 +14,10 @@ import torch
 from common.ops._cost_volume_reference import reference_windowed_track
 from common.ops.cost_volume import cost_volume_track
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("one_torch_thread")]
 
 IMAGE = (40, 84)
 GRIDS = ((10, 14), (10, 14), (4, 5))
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs(b=1, t=4, n=5, d=6, seed=0):
