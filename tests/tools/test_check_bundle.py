@@ -105,11 +105,20 @@ def test_toy_bundle_conforms(toy_bundle):
 
 def test_empty_bundles_folder_passes(tmp_path):
     assert discover_bundles(tmp_path) == []
-    from tools.check_bundle import main
-
     (tmp_path / "bundles").mkdir()
     assert discover_bundles(tmp_path / "bundles") == []
-    assert main() in (0, 1)  # smoke: the CLI runs over the repo's bundles/
+
+
+def test_cli_exit_code_says_pass_or_fail(toy_bundle, tmp_path, capsys):
+    # the repository's own bundles go through the same check in tests/bundles/test_conformance.py
+    from tools.check_bundle import main
+
+    assert main(str(toy_bundle)) == 0
+    broken = shutil.copytree(toy_bundle, tmp_path / "broken")
+    (broken / "LICENSE").unlink()
+    assert main(str(broken)) == 1
+    out = capsys.readouterr().out
+    assert f"{toy_bundle}: OK" in out and f"{broken}: 1 problem" in out and "LICENSE" in out
 
 
 @pytest.mark.parametrize("missing", REQUIRED_FILES)
