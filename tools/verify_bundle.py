@@ -130,14 +130,14 @@ class _Verifier:
     """One bundle's steps; each step raises with a clear message or returns a detail line."""
 
     def __init__(self, bundle: Path, work_dir: Path, ckpt_file: str | Path | None, overrides: Mapping[str, Any],
-                 export_overrides: Mapping[str, Any], schema: Path) -> None:
+                 export_overrides: Mapping[str, Any], schema: Path, meta_file: Path | None = None) -> None:
         self.bundle = bundle
         self.work_dir = work_dir
         self.ckpt_file = None if ckpt_file is None else Path(ckpt_file)
         self.overrides = dict(overrides)
         self.export_overrides = {**self.overrides, **export_overrides}
         self.schema = schema
-        self.meta_file = bundle / "configs" / "metadata.json"
+        self.meta_file = bundle / "configs" / "metadata.json" if meta_file is None else Path(meta_file)
         self.config_file = _inference_config(bundle)
 
     # 1
@@ -297,7 +297,8 @@ def verify_bundle(bundle: str | Path, mode: str = "full", work_dir: str | Path |
                   ckpt_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
                   export_overrides: Mapping[str, Any] | None = None, steps: Sequence[str] | None = None,
                   schema: str | Path = ZOO_SCHEMA,
-                  report: Callable[[StepResult], None] | None = None) -> list[StepResult]:
+                  report: Callable[[StepResult], None] | None = None,
+                  meta_file: str | Path | None = None) -> list[StepResult]:
     """Run the model zoo's checks on one bundle folder; one :class:`StepResult` per step, in order.
 
     A failed step is reported and the remaining independent steps still run (``directory`` failing stops the
@@ -315,6 +316,9 @@ def verify_bundle(bundle: str | Path, mode: str = "full", work_dir: str | Path |
         steps: run only these steps of the mode (default: all of them, in order).
         schema: the JSON schema for ``verify_metadata``.
         report: called with each result as soon as it is known (the CLI prints it).
+        meta_file: another metadata file of the bundle for every step (default ``configs/metadata.json``), e.g. a
+            configuration selected by ``overrides`` whose tensors differ (lssc_multimodal's ``metadata_3d.json`` with
+            the overrides of ``configs/3d.json``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
@@ -326,7 +330,7 @@ def verify_bundle(bundle: str | Path, mode: str = "full", work_dir: str | Path |
     owned = work_dir is None
     work = Path(tempfile.mkdtemp(prefix=f"verify-{bundle.name}-")) if owned else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    verifier = _Verifier(bundle, work, ckpt_file, overrides or {}, export_overrides or {}, Path(schema))
+    verifier = _Verifier(bundle, work, ckpt_file, overrides or {}, export_overrides or {}, Path(schema), meta_file)
     results: list[StepResult] = []
     try:
         for step in selected:

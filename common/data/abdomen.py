@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.acdc import nifti_header, select_split
+from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError, ImageData, read_image, write_nifti
 
 __all__ = [
@@ -43,6 +44,9 @@ __all__ = [
     "find_chaos_cases",
     "btcv_datalist",
     "chaos_datalist",
+    "ABDOMEN_MODALITIES",
+    "abdomen_datalist",
+    "abdomen_label_mapping",
 ]
 
 BTCV_CODES = {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "gallbladder": 4, "esophagus": 5, "liver": 6,
@@ -51,6 +55,8 @@ BTCV_CODES = {"spleen": 1, "right_kidney": 2, "left_kidney": 3, "gallbladder": 4
 CHAOS_CODES = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252}
 CHAOS_RANGES = {"liver": (55, 70), "right_kidney": (110, 135), "left_kidney": (175, 200), "spleen": (240, 255)}
 ABDOMEN_STRUCTURES = ("liver", "right_kidney", "left_kidney", "spleen")
+ABDOMEN_MODALITIES = ("ct", "mr")
+"""Modality names of the abdominal task: ``ct`` = BTCV, ``mr`` = CHAOS T2-SPIR (the MM-WHS task's names)."""
 DICOM_REQUIRED_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
                        "PixelData")
 
@@ -216,25 +222,30 @@ def find_chaos_cases(root: str | Path) -> list[tuple[str, Path]]:
 
 
 def btcv_datalist(root: str | Path, split: str | None = None, fractions: Sequence[float] = (0.7, 0.1, 0.2),
-                  seed: int = 0, verify: bool = False) -> list[dict]:
-    """MONAI datalist ``[{image, label, patient, spacing}]`` of BTCV CT (labels keep BTCV codes on disk).
+                  seed: int = 0, verify: bool = False, ledger: FailureRecorder | None = None) -> list[dict]:
+    """MONAI datalist ``[{image, label, patient, modality "ct", spacing}]`` of BTCV CT (labels keep BTCV codes on
+    disk).
 
-    Remap with :func:`remap_btcv_labels` or ``MapLabelValued`` fed by :func:`btcv_label_mapping`.
+    Remap with :func:`remap_btcv_labels` or ``MapLabelValued`` fed by :func:`btcv_label_mapping`. The split is by
+    case name, before any file is read; with ``ledger`` (evaluation) a case of the subset whose header cannot be read
+    is recorded there and left out instead of raising (:func:`common.data.cases.build_cases`).
     """
-    entries = []
-    for name, img, lab in find_btcv_cases(root):
+    cases = find_btcv_cases(root)
+    keep = {e["patient"] for e in select_split([{"patient": n} for n, _, _ in cases], split, fractions, seed)}
+
+    def build(case: tuple[str, Path, Path]) -> dict:
+        name, img, lab = case
         shape, spacing = nifti_header(img)
         lshape, _ = nifti_header(lab)
         if lshape[:3] != shape[:3]:
             raise DataError(f"{lab}: label shape {lshape} does not match image {img.name} shape {shape}")
-        entries.append({"image": str(img), "label": str(lab), "patient": name,
-                        "spacing": [float(s) for s in spacing[:3]]})
-    entries = select_split(entries, split, fractions, seed)
-    if verify:
-        for e in entries:
-            read_image(e["image"])
-            read_image(e["label"])
-    return entries
+        if verify:
+            read_image(img)
+            read_image(lab)
+        return {"image": str(img), "label": str(lab), "patient": name, "modality": "ct",
+                "spacing": [float(s) for s in spacing[:3]]}
+
+    return build_cases([c for c in cases if c[0] in keep], build, lambda c: c[1], ledger, root)
 
 
 def _default_cache(root: Path, structures: Sequence[str]) -> Path:
@@ -248,26 +259,25 @@ def _newest_mtime(folder: Path) -> float:
 
 def chaos_datalist(root: str | Path, split: str | None = None, fractions: Sequence[float] = (0.7, 0.1, 0.2),
                    seed: int = 0, cache_dir: str | Path | None = None,
-                   structures: Sequence[str] = ABDOMEN_STRUCTURES) -> list[dict]:
-    """MONAI datalist ``[{image, label, patient, spacing, dicom_dir, ground_dir}]`` of CHAOS T2-SPIR MRI.
+                   structures: Sequence[str] = ABDOMEN_STRUCTURES, ledger: FailureRecorder | None = None) -> list[dict]:
+    """MONAI datalist ``[{image, label, patient, modality "mr", spacing, dicom_dir, ground_dir}]`` of CHAOS T2-SPIR.
 
     Each selected case is read (:func:`load_chaos_case`) and written as NIfTI (image float32, label uint8 with
     contiguous ids) into ``cache_dir`` (default: a per-root folder under the system temp dir); a cached case is
-    reused while it is newer than every file of the case. Writes are atomic (temp file + rename).
+    reused while it is newer than every file of the case. Writes are atomic (temp file + rename). The split is by
+    case name, before any file is read; with ``ledger`` (evaluation) a case of the subset that cannot be read is
+    recorded there (input: its DICOM folder) and left out instead of raising.
     """
     _check_structures(structures, CHAOS_CODES)
     root = Path(root)
     cases = find_chaos_cases(root)
-    entries = [{"patient": name, "dicom_dir": str(d / "T2SPIR" / "DICOM_anon"), "ground_dir": str(d / "T2SPIR" /
-                                                                                                  "Ground"),
-                "case_dir": d} for name, d in cases]
-    entries = select_split(entries, split, fractions, seed)
+    keep = {e["patient"] for e in select_split([{"patient": n} for n, _ in cases], split, fractions, seed)}
     cache = Path(cache_dir) if cache_dir is not None else _default_cache(root, structures)
     cache.mkdir(parents=True, exist_ok=True)
-    out = []
-    for e in entries:
-        d = e.pop("case_dir")
-        ip, lp = cache / f"{e['patient']}_image.nii.gz", cache / f"{e['patient']}_label.nii.gz"
+
+    def build(case: tuple[str, Path]) -> dict:
+        name, d = case
+        ip, lp = cache / f"{name}_image.nii.gz", cache / f"{name}_label.nii.gz"
         fresh = ip.is_file() and lp.is_file() and min(ip.stat().st_mtime, lp.stat().st_mtime) > _newest_mtime(
             d / "T2SPIR")
         if fresh:
@@ -279,5 +289,37 @@ def chaos_datalist(root: str | Path, split: str | None = None, fractions: Sequen
                 write_nifti(tmp, arr, img.affine)
                 os.replace(tmp, path)
             spacing = img.spacing
-        out.append({"image": str(ip), "label": str(lp), **e, "spacing": [float(s) for s in spacing[:3]]})
-    return out
+        return {"image": str(ip), "label": str(lp), "patient": name, "modality": "mr",
+                "dicom_dir": str(d / "T2SPIR" / "DICOM_anon"), "ground_dir": str(d / "T2SPIR" / "Ground"),
+                "spacing": [float(s) for s in spacing[:3]]}
+
+    return build_cases([c for c in cases if c[0] in keep], build, lambda c: c[1] / "T2SPIR" / "DICOM_anon", ledger,
+                       root)
+
+
+def abdomen_datalist(root: str | Path, modality: str = "ct", split: str | None = None,
+                     fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0,
+                     ledger: FailureRecorder | None = None) -> list[dict]:
+    """One modality of the abdominal task: ``"ct"`` = :func:`btcv_datalist`, ``"mr"`` = :func:`chaos_datalist`.
+
+    ``root`` holds the BTCV layout for CT and the CHAOS layout for MRI (one folder with both releases' own
+    sub-folders, as :func:`common.data.synthetic.abdomen.write_abdomen` writes them, or a folder of one release).
+    Label files keep BTCV codes (CT) or the ids of all four :data:`ABDOMEN_STRUCTURES` (MRI, cached by
+    :func:`chaos_datalist`); :func:`abdomen_label_mapping` brings both to the ids of the chosen structures.
+    """
+    if modality == "ct":
+        return btcv_datalist(root, split, fractions, seed, ledger=ledger)
+    if modality == "mr":
+        return chaos_datalist(root, split, fractions, seed, ledger=ledger)
+    raise ValueError(f"unknown abdominal modality {modality!r}; the task has {ABDOMEN_MODALITIES} "
+                     "(ct = BTCV, mr = CHAOS T2-SPIR)")
+
+
+def abdomen_label_mapping(structures: Sequence[str] = ABDOMEN_STRUCTURES) -> dict[str, tuple[list[int], list[int]]]:
+    """``{modality: (orig_labels, target_ids)}`` that brings the label files of :func:`abdomen_datalist` to the ids
+    ``1..K`` of ``structures`` in their order (0 background and every other organ): BTCV codes through
+    :func:`btcv_label_mapping`; CHAOS files hold the ids of all four :data:`ABDOMEN_STRUCTURES`, re-indexed here."""
+    _check_structures(structures, CHAOS_CODES)
+    ids = {s: i + 1 for i, s in enumerate(structures)}
+    cached = list(range(1, len(ABDOMEN_STRUCTURES) + 1))
+    return {"ct": btcv_label_mapping(structures), "mr": (cached, [ids.get(s, 0) for s in ABDOMEN_STRUCTURES])}

@@ -6,8 +6,10 @@ one slice stack per item (consecutive slices as channels, :mod:`common.transform
 per-slice (random) transform. Items keep the volume entry's other keys (``modality``, ``patient``), so one dataset
 can hold several modalities and :meth:`VolumeSliceDataset.indices_by` splits it for unpaired sampling.
 
-:func:`unpaired_datalist` builds the volume datalist of several modalities from one MM-WHS folder with the per-modality
-70/10/20 patient split, and implements the few-shot protocol (only ``k`` labelled training volumes of a modality).
+:func:`unpaired_datalist` builds the volume datalist of several modalities from one dataset folder of a task
+(:data:`UNPAIRED_TASKS`: ``mmwhs`` = MM-WHS CT + MRI, ``abdomen`` = BTCV CT + CHAOS T2-SPIR MRI) with the
+per-modality 70/10/20 patient split, and implements the few-shot protocol (only ``k`` labelled training volumes of a
+modality). :func:`unpaired_label_mapping` gives each modality's label-file codes -> class ids of the task.
 """
 
 from __future__ import annotations
@@ -20,25 +22,63 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.data.abdomen import ABDOMEN_MODALITIES, BTCV_CODES, abdomen_datalist, abdomen_label_mapping
 from common.data.cases import FailureRecorder
-from common.data.mmwhs import MMWHS_MODALITIES, mmwhs_datalist
+from common.data.mmwhs import MMWHS_CODES, MMWHS_MODALITIES, mmwhs_datalist, mmwhs_label_mapping
 from common.data.splits import resolve_split
 from common.transforms.slices import consecutive_slices, foreground_slices, slice_axis_index
 
-__all__ = ["SLICE_SELECTIONS", "VolumeSliceDataset", "unpaired_datalist"]
+__all__ = ["SLICE_SELECTIONS", "UNPAIRED_TASKS", "VolumeSliceDataset", "unpaired_datalist", "unpaired_label_mapping",
+           "unpaired_output_codes"]
 
 SLICE_SELECTIONS = ("foreground", "all")
+
+UNPAIRED_TASKS: dict[str, tuple[tuple[str, ...], Callable[..., list[dict]]]] = {
+    "mmwhs": (MMWHS_MODALITIES, mmwhs_datalist),
+    "abdomen": (ABDOMEN_MODALITIES, abdomen_datalist),
+}
+"""``task: (modalities, per-modality reader(root, modality, split, fractions=, seed=, ledger=))``; the task name is
+also the kind of its synthetic default (:mod:`common.data.default`)."""
+
+
+def _task(task: str) -> tuple[tuple[str, ...], Callable[..., list[dict]]]:
+    if task not in UNPAIRED_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(UNPAIRED_TASKS)}")
+    return UNPAIRED_TASKS[task]
+
+
+def unpaired_label_mapping(task: str, structures: Sequence[str]) -> dict[str, tuple[list[int], list[int]]]:
+    """``{modality: (orig_labels, target_ids)}`` for :class:`common.transforms.labels.MapLabelByModalityd`: the label
+    files of each modality of ``task`` -> ids ``1..K`` of ``structures`` (everything else 0). MM-WHS CT and MRI share
+    one code table; BTCV and CHAOS do not (:func:`common.data.abdomen.abdomen_label_mapping`)."""
+    _task(task)
+    if task == "abdomen":
+        return abdomen_label_mapping(structures)
+    mapping = mmwhs_label_mapping(structures)
+    return {m: mapping for m in MMWHS_MODALITIES}
+
+
+def unpaired_output_codes(task: str, structures: Sequence[str]) -> list[int]:
+    """The dataset codes of ``structures`` written by inference with ``output_codes``: MM-WHS codes, or for the
+    abdomen the BTCV codes (one code table for both modalities; CHAOS grey values are PNG-only)."""
+    _task(task)
+    table = BTCV_CODES if task == "abdomen" else MMWHS_CODES
+    unknown = [s for s in structures if s not in table]
+    if unknown:
+        raise ValueError(f"structures {unknown} have no {task} code; choose from {sorted(table)}")
+    return [int(table[s]) for s in structures]
 
 
 def unpaired_datalist(root: str | Path, modalities: Sequence[str] = MMWHS_MODALITIES, split: str | None = "train",
                       labelled: Mapping[str, int] | None = None, seed: int = 0,
-                      fractions: Sequence[float] = (0.7, 0.1, 0.2), ledger: FailureRecorder | None = None
-                      ) -> list[dict]:
+                      fractions: Sequence[float] = (0.7, 0.1, 0.2), ledger: FailureRecorder | None = None,
+                      task: str = "mmwhs") -> list[dict]:
     """Volume entries ``{image, label, patient, modality, spacing}`` of every modality, each modality split on its
-    own (MM-WHS CT and MRI patients are different people, so the splits are independent).
+    own (the CT and MRI patients are different people, so the splits are independent).
 
     Args:
-        root: MM-WHS folder (``ct_train/``, ``mr_train/`` or the files directly in it).
+        root: the task's dataset folder: MM-WHS (``ct_train/``, ``mr_train/`` or the files directly in it), or for
+            ``task="abdomen"`` BTCV (``RawData/Training/{img,label}``) and CHAOS (``Train_Sets/MR/<id>/T2SPIR``).
         modalities: which modalities to list (``"ct"``, ``"mr"``).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``/``None`` (all cases, no split).
         labelled: few-shot protocol, ``{modality: k}``: keep only ``k`` training volumes of that modality, drawn
@@ -49,30 +89,32 @@ def unpaired_datalist(root: str | Path, modalities: Sequence[str] = MMWHS_MODALI
         ledger: evaluation's :class:`common.engines.screening.BatchLedger`: a volume of the subset whose files
             cannot be read is recorded there (stage ``datalist``) and left out; without it (training) the first such
             volume stops with an error naming the file (:func:`common.data.cases.build_cases`).
+        task: a key of :data:`UNPAIRED_TASKS` (``"mmwhs"`` or ``"abdomen"``).
 
     Raises:
         ValueError: unknown modality, a few-shot modality that is not listed, or ``k`` outside ``1..n_train``.
     """
     split = resolve_split(split)
+    task_modalities, reader = _task(task)
     mods = [str(m) for m in modalities]
     if not mods or len(set(mods)) != len(mods):
         raise ValueError(f"modalities must be non-empty and unique, got {list(modalities)}")
     for m in mods:
-        if m not in MMWHS_MODALITIES:
-            raise ValueError(f"unknown modality {m!r}; MM-WHS has {MMWHS_MODALITIES}")
+        if m not in task_modalities:
+            raise ValueError(f"unknown modality {m!r}; task {task!r} has {task_modalities}")
     labelled = dict(labelled or {})
     for m in labelled:
         if m not in mods:
             raise ValueError(f"few-shot modality {m!r} is not among the training modalities {mods}")
     out = []
     for m in mods:
-        entries = mmwhs_datalist(root, m, split, fractions=fractions, seed=seed, ledger=ledger)
+        entries = reader(root, m, split, fractions=fractions, seed=seed, ledger=ledger)
         if split == "train" and m in labelled:
             k = int(labelled[m])
             if not 1 <= k <= len(entries):
                 raise ValueError(f"few-shot: {k} labelled {m} volumes requested, the training split has {len(entries)}")
             # seeded draw independent of the split permutation, so 1 labelled volume is a subset of 3
-            order = np.random.default_rng([seed, 7919, MMWHS_MODALITIES.index(m)]).permutation(len(entries))
+            order = np.random.default_rng([seed, 7919, task_modalities.index(m)]).permutation(len(entries))
             entries = [entries[i] for i in sorted(order[:k])]
         out.extend(entries)
     return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,7 @@ def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: s
     Args:
         input_path: an image file, a folder (every image file in it, label/segmentation files skipped), a JSON
             datalist (a list of ``{"image", ["modality"]}`` or ``{"data": [...]}``, relative paths resolved against
-            the JSON's folder), or a list of image files.
+            the JSON's folder), or a list of image files or of ``{"image", ["modality"]}`` entries.
         modality: one modality for every input (overrides the JSON and the file names); ``None`` or ``""`` to take
             it per input.
         modalities: the modalities the network knows.
@@ -171,7 +171,8 @@ def modality_datalist(input_path: str | Path | Sequence[str | Path], modality: s
     given = None if modality in (None, "") else _check_modality(modality, modalities, "all inputs")
     entries: list[dict[str, Any]] = []
     if isinstance(input_path, (list, tuple)):
-        entries = [{"image": str(p)} for p in input_path]
+        # items are paths, or datalist entries ({"image", "modality"}: inputs whose names do not tell the modality)
+        entries = [{**p, "image": str(p["image"])} if isinstance(p, Mapping) else {"image": str(p)} for p in input_path]
     else:
         path = Path(input_path).expanduser()
         if str(input_path) == "" or not path.exists():

@@ -68,8 +68,8 @@ def _variant_key(variant: str) -> str:
 
 
 def lssc_network(variant: str = "full", modalities: Sequence[str] = ("ct", "mr"), for_inference: bool = False,
-                 **kwargs: Any) -> LSSCSwinUnet:
-    """:class:`LSSCSwinUnet` of a paper variant.
+                 spatial_dims: int = 2, **kwargs: Any) -> LSSCSwinUnet:
+    """:class:`LSSCSwinUnet` (2D) or :class:`common.networks.lssc3d.LSSCnnFormer` (3D) of a paper variant.
 
     Args:
         variant: ``"backbone"``, ``"baseline"``, ``"joint_v1"``, ``"joint_v2"``, ``"joint_v3"``, each joint one with
@@ -77,10 +77,12 @@ def lssc_network(variant: str = "full", modalities: Sequence[str] = ("ct", "mr")
         modalities: modality names; Backbone and Baseline take exactly one.
         for_inference: build the network without the training-only parts (EAMs, and the class embeddings when
             only the EAMs use them): the architecture ``models/model.pt`` is saved for.
-        kwargs: size arguments of :class:`LSSCSwinUnet` (``img_size``, ``embed_dim``, ``num_heads``, ...).
+        spatial_dims: 2 (the paper's 2D configuration, Swin-Unet on slice stacks) or 3 (its 3D configuration,
+            nnFormer-style on volume patches).
+        kwargs: size arguments of the network (``img_size``, ``embed_dim``, ``num_heads``, ...).
 
     Raises:
-        ValueError: unknown variant, or a single-modality variant with several modalities.
+        ValueError: unknown variant, a single-modality variant with several modalities, or ``spatial_dims`` not 2/3.
     """
     switches = lssc_variant_kwargs(variant)
     mods = (modalities,) if isinstance(modalities, str) else tuple(modalities)
@@ -95,14 +97,22 @@ def lssc_network(variant: str = "full", modalities: Sequence[str] = ("ct", "mr")
     if for_inference:
         switches["use_eam"] = False
         switches["use_correlations"] = False
+    if spatial_dims == 3:
+        from common.networks.lssc3d import LSSCnnFormer
+
+        return LSSCnnFormer(modalities=mods, **kwargs, **switches)
+    if spatial_dims != 2:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     return LSSCSwinUnet(modalities=mods, **kwargs, **switches)
 
 
 def lssc_loss(variant: str = "full", **kwargs: Any) -> LSSCLoss:
     """:class:`LSSCLoss` with the loss switches (aux, mcr, icr) of a paper variant; ``kwargs`` as ``LSSCLoss``
     (``alpha``, ``beta``, ``gamma``, ``tau``, ``include_background``, ``icr_pairing``, ``icr_reduction``,
-    ``dice_reduction``)."""
-    return LSSCLoss(**lssc_loss_kwargs(variant), **kwargs)
+    ``dice_reduction``). A switch given in ``kwargs`` wins over the variant's: the paper's Table 5 rows are
+    ``joint_v3`` with ``--loss#use_mcr True`` (Joint V3 + L_mcr) and ``full`` with ``--loss#use_mcr False``
+    (Joint V3 + L_icr, which needs the correlation path of the ``+cr`` networks)."""
+    return LSSCLoss(**{**lssc_loss_kwargs(variant), **kwargs})
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -600,8 +610,9 @@ class ModalityMetricsReport:
 
         from common.plotting import colormap, save_figure, subplots
 
-        # the paper's Fig. 4 colours: LVM yellow, LAC green, LVC blue, AA red (other classes: tab10)
-        named = {"LVM": "gold", "LAC": "limegreen", "LVC": "royalblue", "AA": "red"}
+        # the paper's Fig. 4 and 5 colours: LVM/liver yellow, LAC/R-kidney green, LVC/L-kidney blue, AA/spleen red
+        named = {"LVM": "gold", "LAC": "limegreen", "LVC": "royalblue", "AA": "red", "liver": "gold",
+                 "right_kidney": "limegreen", "left_kidney": "royalblue", "spleen": "red"}
         fallback = colormap("tab10")
         colours = [named.get(c, fallback(i)) for i, c in enumerate(self.class_names)]
         cmap = ListedColormap(colours)

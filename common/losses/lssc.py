@@ -44,7 +44,9 @@ Choices the paper does not state
    ``Z`` rows.
 5. Only one modality given (Backbone/Baseline trained per modality): ``L = Lseg + alpha Laux``; the consistency
    terms need both modalities and are then 0.
-6. Labels may be ``(B, H, W)`` or ``(B, 1, H, W)``, integer class indices ``0..Z-1``.
+6. Labels may be ``(B, H, W)`` or ``(B, 1, H, W)``, integer class indices ``0..Z-1``; in the 3D configuration
+   (:mod:`common.networks.lssc3d`) every term is the same with a third spatial axis (``(B, Z, H, W, D)`` logits,
+   Dice pooled over the voxels of the batch's patches, labels downsampled per axis for ``Laux``).
 
 Effective weights
 -----------------
@@ -109,12 +111,14 @@ def lssc_loss_kwargs(name: str) -> dict[str, bool]:
     return dict(_LOSS_VARIANTS[key])
 
 
-def _as_label_map(label: Tensor) -> Tensor:
-    """``(B, H, W)`` or ``(B, 1, H, W)`` class indices -> ``(B, 1, H, W)``."""
-    if label.dim() == 3:
+def _as_label_map(label: Tensor, spatial_dims: int = 2) -> Tensor:
+    """``(B, *S)`` or ``(B, 1, *S)`` class indices with ``len(S) == spatial_dims`` -> ``(B, 1, *S)``."""
+    if label.dim() == spatial_dims + 1:
         label = label.unsqueeze(1)
-    if label.dim() != 4 or label.shape[1] != 1:
-        raise ValueError(f"label must be (B, H, W) or (B, 1, H, W) class indices, got {tuple(label.shape)}")
+    if label.dim() != spatial_dims + 2 or label.shape[1] != 1:
+        sp = ("H", "W", "D")[:spatial_dims]
+        raise ValueError(f"label must be (B, {', '.join(sp)}) or (B, 1, {', '.join(sp)}) class indices, "
+                         f"got {tuple(label.shape)}")
     return label
 
 
@@ -122,14 +126,14 @@ def downsample_labels(label: Tensor, size: Sequence[int]) -> Tensor:
     """Nearest-neighbour (``nearest-exact``: the label at each target cell's centre) downsampling of class maps.
 
     Args:
-        label: ``(B, H, W)`` or ``(B, 1, H, W)`` class indices.
-        size: target ``(h, w)``.
+        label: ``(B, H, W)`` or ``(B, 1, H, W)`` class indices (or ``(B, [1,] H, W, D)`` with a 3D ``size``).
+        size: target ``(h, w)`` (or ``(h, w, d)``).
 
     Returns:
-        ``(B, 1, h, w)`` labels of the input dtype.
+        ``(B, 1, h, w[, d])`` labels of the input dtype.
     """
-    label = _as_label_map(label)
-    if tuple(label.shape[-2:]) == tuple(size):
+    label = _as_label_map(label, len(size))
+    if tuple(label.shape[2:]) == tuple(size):
         return label
     # float for interpolate; class indices < 2^24 are exact in float32
     return F.interpolate(label.float(), size=tuple(size), mode="nearest-exact").to(label.dtype)
@@ -258,9 +262,10 @@ class LSSCLoss(nn.Module):
         )
 
     def segmentation_loss(self, logits: Tensor, label: Tensor) -> Tensor:
-        """CE + Dice of ``(B, Z, H, W)`` logits against ``(B, [1,] H, W)`` labels."""
-        label = _as_label_map(label)
-        if label.shape[0] != logits.shape[0] or label.shape[-2:] != logits.shape[-2:]:
+        """CE + Dice of ``(B, Z, H, W)`` logits against ``(B, [1,] H, W)`` labels (or ``(B, Z, H, W, D)`` against
+        ``(B, [1,] H, W, D)``: the 3D configuration)."""
+        label = _as_label_map(label, logits.dim() - 2)
+        if label.shape[0] != logits.shape[0] or label.shape[2:] != logits.shape[2:]:
             raise ValueError(f"label {tuple(label.shape)} does not match logits {tuple(logits.shape)}")
         return self.dice_ce(logits, label)
 
@@ -268,7 +273,7 @@ class LSSCLoss(nn.Module):
         """Eq. 12: sum over scales of CE + Dice against the labels downsampled to each scale."""
         if len(aux_logits) == 0:
             raise ValueError("use_aux is on but the network output has no aux_logits (built with use_eam=False?)")
-        return sum(self.dice_ce(a, downsample_labels(label, a.shape[-2:])) for a in aux_logits)
+        return sum(self.dice_ce(a, downsample_labels(label, a.shape[2:])) for a in aux_logits)
 
     @staticmethod
     def _modality_of(out: Mapping[str, Any]) -> int:

@@ -29,6 +29,10 @@ Data flow (2D, input ``(B, in_channels, H, W)``, three consecutive slices as cha
    aggregation of ``A_1`` give the correlation matrix ``E_1 in R^{Z x Z}``. Scales 2 and 3 do the same with
    ``(Q_1, F_2)`` and ``(Q_2, F_3)``. Auxiliary 1x1-conv predictions are made from each ``A_lambda``.
 
+The image embedding, the Swin stage (regular and shifted windows of the modality-aware block) and the EAM take
+``spatial_dims`` (2 here): the 3D configuration (:class:`common.networks.lssc3d.LSSCnnFormer`, nnFormer-style backbone)
+builds them with 3 and inherits this class's modality handling, ``forward_train``, variants and export.
+
 EAMs never feed the segmentation path, so the inference network (:meth:`LSSCSwinUnet.inference_network`,
 :meth:`LSSCSwinUnet.export_state_dict`) drops them and predicts exactly what the training network predicts.
 
@@ -209,17 +213,25 @@ def _is_tracing() -> bool:
     return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
+def _conv_class(spatial_dims: int) -> type[nn.Module]:
+    """``nn.Conv2d`` or ``nn.Conv3d``; any other dimension is an error naming it."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+
+
 class ModalityImageEmbedding(nn.Module):
     """Modality-specific image embedding: two 1x1 convolutions, resolution and width unchanged.
 
-    Input ``(B, C_in, H, W)``, output ``(B, C_in, H, W)``.
+    Input ``(B, C_in, H, W)`` (``spatial_dims=2``) or ``(B, C_in, H, W, D)`` (``spatial_dims=3``), output the same.
     """
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        conv = _conv_class(spatial_dims)
+        self.conv1 = conv(in_channels, in_channels, kernel_size=1)
         self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.conv2 = conv(in_channels, in_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.act(self.conv1(x)))
@@ -306,7 +318,8 @@ class ModalityAwareSwinBlock(SwinTransformerBlock):
 
 
 class _SwinStage(nn.Module):
-    """``depth`` Swin blocks at one resolution, regular and shifted windows alternating. Channel-last in and out."""
+    """``depth`` Swin blocks at one resolution, regular and shifted windows alternating. Channel-last in and out:
+    ``(B, H, W, D)`` with ``spatial_dims=2``, ``(B, H, W, Z, D)`` (volume-based windows) with ``spatial_dims=3``."""
 
     def __init__(
         self,
@@ -321,16 +334,17 @@ class _SwinStage(nn.Module):
         qkv_bias: bool,
         drop: float,
         attn_drop: float,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.window_size = (window_size, window_size)
-        self.shift_size = (window_size // 2, window_size // 2)
+        self.window_size = (window_size,) * spatial_dims
+        self.shift_size = (window_size // 2,) * spatial_dims
         self.blocks = nn.ModuleList(
             ModalityAwareSwinBlock(
                 dim=dim,
                 num_heads=num_heads,
                 window_size=self.window_size,
-                shift_size=(0, 0) if i % 2 == 0 else self.shift_size,
+                shift_size=(0,) * spatial_dims if i % 2 == 0 else self.shift_size,
                 num_classes=num_classes,
                 class_dim=class_dim,
                 mlp_ratio=mlp_ratio,
@@ -343,14 +357,13 @@ class _SwinStage(nn.Module):
         )
 
     def forward(self, x: Tensor, class_embeddings: Tensor | None) -> Tensor:
-        h, w = x.shape[1], x.shape[2]
-        window, shift = get_window_size((h, w), self.window_size, self.shift_size)
+        sizes = tuple(x.shape[1:-1])
+        window, shift = get_window_size(sizes, self.window_size, self.shift_size)
         mask = None
         if any(s > 0 for s in shift) and len(self.blocks) > 1:
             # the shifted-window mask is defined on the padded map, as in MONAI's BasicLayer
-            hp = int(math.ceil(h / window[0])) * window[0]
-            wp = int(math.ceil(w / window[1])) * window[1]
-            mask = compute_mask([hp, wp], window, shift, x.device)
+            padded = [int(math.ceil(n / w)) * w for n, w in zip(sizes, window)]
+            mask = compute_mask(padded, window, shift, x.device)
         for blk in self.blocks:
             x = blk(x, mask, class_embeddings)
         return x
@@ -472,7 +485,7 @@ class ExternalAttentionModule(nn.Module):
 
     ``forward(features, queries)``:
 
-    - ``features``: channel-last decoder features ``F`` ``(B, h, w, D)``.
+    - ``features``: channel-last decoder features ``F`` ``(B, h, w, D)`` (``(B, h, w, z, D)`` in 3D).
     - ``queries``: class embeddings entering this scale, ``(B, Z, D)`` (``Q_M`` at scale 1, ``Q_1``/``Q_2`` after).
 
     Returns a dict:
@@ -494,6 +507,7 @@ class ExternalAttentionModule(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         compute_correlations: bool = True,
+        spatial_dims: int = 2,
     ) -> None:
         """
         Args:
@@ -506,6 +520,8 @@ class ExternalAttentionModule(nn.Module):
             qkv_bias: bias of the q/k/v projections.
             compute_correlations: build the semantic filtering weights ``W^i`` and compute ``E`` (Eq. 9-11); only
                 ``L_icr`` uses ``E``.
+            spatial_dims: 2 (features ``(B, h, w, D)``) or 3 (``(B, h, w, z, D)``; maps and aux logits get a third
+                spatial axis).
         """
         super().__init__()
         if dim % num_heads != 0:
@@ -525,7 +541,8 @@ class ExternalAttentionModule(nn.Module):
             trunc_normal_(self.filter_weight, std=0.02)
         else:
             self.register_parameter("filter_weight", None)
-        self.aux_head = nn.Conv2d(num_classes * num_heads, num_classes, kernel_size=1, groups=num_classes)
+        self.aux_head = _conv_class(spatial_dims)(num_classes * num_heads, num_classes, kernel_size=1,
+                                                  groups=num_classes)
         self.updates_queries = out_dim is not None
         if out_dim is not None:
             self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -547,22 +564,23 @@ class ExternalAttentionModule(nn.Module):
         return num / den
 
     def forward(self, features: Tensor, queries: Tensor) -> dict[str, Tensor | None]:
-        b, h, w, d = features.shape
+        b, *grid, d = features.shape
+        n_pos = math.prod(grid)
         if d != self.dim or queries.shape[-1] != self.dim or queries.shape[1] != self.num_classes:
             raise ValueError(
                 f"EAM of width {self.dim} and {self.num_classes} classes got features {tuple(features.shape)} "
                 f"and queries {tuple(queries.shape)}"
             )
-        f = self.norm_f(features.reshape(b, h * w, d))
+        f = self.norm_f(features.reshape(b, n_pos, d))
         q = self.q_proj(self.norm_q(queries)).view(b, self.num_classes, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(f).view(b, h * w, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(f).view(b, n_pos, self.num_heads, self.head_dim).transpose(1, 2)
         logits = q @ k.transpose(-2, -1)  # (B, N, Z, L): semantic-aware maps of every head
-        semantic_maps = logits.transpose(1, 2).reshape(b, self.num_classes, self.num_heads, h, w)
-        aux_logits = self.aux_head(semantic_maps.reshape(b, self.num_classes * self.num_heads, h, w))
+        semantic_maps = logits.transpose(1, 2).reshape(b, self.num_classes, self.num_heads, *grid)
+        aux_logits = self.aux_head(semantic_maps.reshape(b, self.num_classes * self.num_heads, *grid))
         corr = self.correlation(queries, semantic_maps) if self.computes_correlations else None
         next_queries = None
         if self.updates_queries:
-            v = self.v_proj(f).view(b, h * w, self.num_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(f).view(b, n_pos, self.num_heads, self.head_dim).transpose(1, 2)
             attn = torch.softmax(logits * self.head_dim**-0.5, dim=-1)  # Eq. 5: softmax over positions
             ca = (attn @ v).transpose(1, 2).reshape(b, self.num_classes, d)
             q_hat = self.out_proj(ca) + queries  # Eq. 6-7
@@ -647,50 +665,17 @@ class LSSCSwinUnet(nn.Module):
                 of the same size (Swin-Unet).
         """
         super().__init__()
-        self.modalities = tuple(str(m) for m in modalities)
-        if len(self.modalities) == 0 or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities must be non-empty and unique, got {modalities!r}")
-        if default_modality is not None and default_modality not in self.modalities:
-            raise ValueError(f"default_modality {default_modality!r} is not one of {self.modalities}")
-        if len(depths) != _NUM_STAGES or len(num_heads) != _NUM_STAGES:
-            raise ValueError(f"depths and num_heads need {_NUM_STAGES} entries, got {list(depths)}, {list(num_heads)}")
-        if len(decoder_depths) != _NUM_STAGES - 1:
-            raise ValueError(
-                f"decoder_depths needs 3 entries (blocks of decoder stages 1-3), got {list(decoder_depths)}; the "
-                "Swin-Unet backbone has no Transformer blocks in a fourth decoder stage (see the module docstring)"
-            )
-        if num_classes < 2:
-            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
-        dims = [embed_dim * 2**i for i in range(_NUM_STAGES)]
-        for d, nh in zip(dims, num_heads):
-            if d % nh != 0:
-                raise ValueError(f"stage width {d} (embed_dim {embed_dim}) is not divisible by {nh} heads")
+        dims = self._init_modality_parts(
+            in_channels, num_classes, modalities, embed_dim, depths, decoder_depths, num_heads, use_image_embedding,
+            use_class_embeddings, use_eam, use_correlations, modality_specific_encoder, modality_specific_eam,
+            default_modality, spatial_dims=2,
+        )
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         self.size_multiple = patch_size * 2 ** (_NUM_STAGES - 1)
         if len(self.img_size) != 2 or any(s % self.size_multiple for s in self.img_size):
             raise ValueError(f"img_size {img_size} must be two multiples of patch_size * 8 = {self.size_multiple}")
-
-        self.in_channels = in_channels
-        self.num_classes = num_classes
-        self.embed_dim = embed_dim
         self.patch_size = patch_size
-        self.class_dim = dims[2]  # 4C
-        self.use_image_embedding = use_image_embedding
-        self.use_class_embeddings = use_class_embeddings
-        self.use_eam = use_eam
-        self.use_correlations = use_correlations and use_eam
-        self.modality_specific_encoder = modality_specific_encoder
-        self.modality_specific_eam = modality_specific_eam
-        self.default_modality = default_modality
         num_mod = len(self.modalities)
-
-        self.image_embeddings = (
-            nn.ModuleList(ModalityImageEmbedding(in_channels) for _ in range(num_mod)) if use_image_embedding else None
-        )
-        if use_class_embeddings or use_eam:
-            self.class_embeddings = nn.Parameter(torch.empty(num_mod, num_classes, self.class_dim))
-        else:
-            self.register_parameter("class_embeddings", None)
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         enc_dpr = [dpr[sum(depths[:i]) : sum(depths[: i + 1])] for i in range(_NUM_STAGES)]
@@ -732,6 +717,81 @@ class LSSCSwinUnet(nn.Module):
         self.final_expand = PatchExpanding(embed_dim, embed_dim, patch_size)
         self.head = nn.Conv2d(embed_dim, num_classes, kernel_size=1, bias=False)
 
+        self._build_eams(dims, num_heads, eam_num_heads, eam_mlp_ratio, qkv_bias, spatial_dims=2)
+        self._init_weights()
+        self.pretrained_report: SwinLoadReport | None = None
+        if pretrained_path:
+            self.pretrained_report = load_swin_pretrained(self, pretrained_path, load_decoder=pretrained_decoder)
+
+    # ----------------------------------------------------------- shared build
+    def _init_modality_parts(
+        self,
+        in_channels: int,
+        num_classes: int,
+        modalities: Sequence[str],
+        embed_dim: int,
+        depths: Sequence[int],
+        decoder_depths: Sequence[int],
+        num_heads: Sequence[int],
+        use_image_embedding: bool,
+        use_class_embeddings: bool,
+        use_eam: bool,
+        use_correlations: bool,
+        modality_specific_encoder: bool,
+        modality_specific_eam: bool,
+        default_modality: str | None,
+        spatial_dims: int,
+    ) -> list[int]:
+        """Argument checks and the parts every LSSC backbone (2D here, 3D in :mod:`common.networks.lssc3d`) builds
+        before its encoder: the switches, the modality-specific image embeddings and the class embeddings. Returns
+        the stage widths ``[C, 2C, 4C, 8C]``."""
+        self.modalities = tuple(str(m) for m in modalities)
+        if len(self.modalities) == 0 or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be non-empty and unique, got {modalities!r}")
+        if default_modality is not None and default_modality not in self.modalities:
+            raise ValueError(f"default_modality {default_modality!r} is not one of {self.modalities}")
+        if len(depths) != _NUM_STAGES or len(num_heads) != _NUM_STAGES:
+            raise ValueError(f"depths and num_heads need {_NUM_STAGES} entries, got {list(depths)}, {list(num_heads)}")
+        if len(decoder_depths) != _NUM_STAGES - 1:
+            raise ValueError(
+                f"decoder_depths needs 3 entries (blocks of decoder stages 1-3), got {list(decoder_depths)}; the "
+                "U-shaped backbone has no Transformer blocks in a fourth decoder stage (see the module docstring)"
+            )
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        dims = [embed_dim * 2**i for i in range(_NUM_STAGES)]
+        for d, nh in zip(dims, num_heads):
+            if d % nh != 0:
+                raise ValueError(f"stage width {d} (embed_dim {embed_dim}) is not divisible by {nh} heads")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.class_dim = dims[2]  # 4C
+        self.use_image_embedding = use_image_embedding
+        self.use_class_embeddings = use_class_embeddings
+        self.use_eam = use_eam
+        self.use_correlations = use_correlations and use_eam
+        self.modality_specific_encoder = modality_specific_encoder
+        self.modality_specific_eam = modality_specific_eam
+        self.default_modality = default_modality
+        num_mod = len(self.modalities)
+        self.image_embeddings = (
+            nn.ModuleList(ModalityImageEmbedding(in_channels, spatial_dims) for _ in range(num_mod))
+            if use_image_embedding
+            else None
+        )
+        if use_class_embeddings or use_eam:
+            self.class_embeddings = nn.Parameter(torch.empty(num_mod, num_classes, self.class_dim))
+        else:
+            self.register_parameter("class_embeddings", None)
+        return dims
+
+    def _build_eams(self, dims: Sequence[int], num_heads: Sequence[int], eam_num_heads: Sequence[int] | None,
+                    eam_mlp_ratio: float, qkv_bias: bool, spatial_dims: int) -> None:
+        """The training-only EAM sets of decoder scales 1-3 (widths ``4C, 2C, C``), or ``eams = None``."""
+        num_classes, num_mod = self.num_classes, len(self.modalities)
+        use_eam, use_correlations = self.use_eam, self.use_correlations
+        modality_specific_eam = self.modality_specific_eam
         if use_eam:
             heads = list(eam_num_heads) if eam_num_heads is not None else [num_heads[2], num_heads[1], num_heads[0]]
             if len(heads) != _NUM_STAGES - 1:
@@ -747,6 +807,7 @@ class LSSCSwinUnet(nn.Module):
                         eam_mlp_ratio,
                         qkv_bias,
                         use_correlations,
+                        spatial_dims,
                     )
                     for s in range(_NUM_STAGES - 1)
                 )
@@ -754,10 +815,6 @@ class LSSCSwinUnet(nn.Module):
             )
         else:
             self.eams = None
-        self._init_weights()
-        self.pretrained_report: SwinLoadReport | None = None
-        if pretrained_path:
-            self.pretrained_report = load_swin_pretrained(self, pretrained_path, load_decoder=pretrained_decoder)
 
     # ------------------------------------------------------------------ init
     def _init_weights(self) -> None:

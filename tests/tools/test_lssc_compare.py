@@ -64,7 +64,7 @@ def test_bad_arguments_fail_clearly(tmp_path):
 def test_settings_are_bundle_overrides_the_config_knows(repo_root):
     train = json.loads((repo_root / "bundles/lssc_multimodal/configs/train.json").read_text())
     for method, data, keys in SETTINGS.values():
-        assert set(keys) <= set(train), (method, data)
+        assert {k.split("#")[0] for k in keys} <= set(train), (method, data)  # nested ones under a known id
 
 
 def _fake_row(name: str) -> dict:
@@ -109,7 +109,9 @@ def test_groups_expand_to_every_run_of_the_paper_tables(tmp_path):
 
     assert _split("table4") == ["baseline_ct", "baseline_mr", "full", "full_mr1", "full_mr3", "full_ct1", "full_ct3"]
     assert _split("full,table2")[:2] == ["full", "backbone_ct"] and _split("full,table2").count("full") == 1
-    assert len(_split("all")) == 14
+    assert len(_split("all")) == 16
+    assert _split("table5") == ["joint_v3", "joint_v3_mcr", "joint_v3_icr", "full"]
+    assert _split("table3") == _split("table2")
 
 
 @pytest.mark.slow
@@ -136,3 +138,61 @@ def test_tiny_runs_produce_the_paper_rows(tmp_path, monkeypatch):
     backbone = next(ln for ln in md.splitlines() if ln.startswith("| Backbone |"))
     assert "–" not in backbone.split(" | ")[1:11]  # CT and MRI columns both filled, from the two runs
     assert result["rows"][3]["table2"]["dice"]["ct"]["n_cases"] >= 1
+
+
+ABDOMEN = ["liver", "right_kidney", "left_kidney", "spleen"]  # the bundle's class order (common.data.abdomen)
+
+
+def test_abdominal_tables_3_and_5_in_the_papers_column_order():
+    """Table 3 has Table 2's rows, Table 5 the consistency ablation; columns follow the paper (Liver, Spleen, R-kdy,
+    L-kdy), each cell the score of that structure whatever its position in the bundle's class order."""
+    from tools.lssc_compare import TASKS
+
+    def row(name: str) -> dict:
+        k = list(SETTINGS).index(name)
+        # per structure a distinct Dice: 10 * (class id) + k, so a column shows which structure it took
+        entry = {**{s: {"mean": 10.0 * (i + 1) + k, "std": 0.5} for i, s in enumerate(ABDOMEN)}, "mean": 50.0 + k}
+        return {"setting": name, "method": SETTINGS[name][0], "data": SETTINGS[name][1], "train_seconds": 1.0,
+                "table2": {"dice": {"ct": entry, "mr": entry}, "asd": {"ct": entry, "mr": entry}}}
+
+    rows = [row(n) for n in SETTING_GROUPS["table5"]]
+    labels = TASKS["abdomen"]["columns"]
+    t5 = paper_table_markdown(rows, list(labels), "table5", labels)
+    assert "Table 5 layout" in t5
+    assert "| Methods | CT Liver | CT Spleen | CT R-kdy | CT L-kdy | CT Mean | MRI Liver |" in t5
+    body = [ln for ln in t5.splitlines() if ln.startswith("| ") and not ln.startswith(("| Methods", "| **"))]
+    assert [ln.split(" | ")[0][2:] for ln in body] == ["Joint V3", "Joint V3 + Lmcr", "Joint V3 + Licr",
+                                                       "Joint V3 + Lmcr + Licr"] * 2
+    k = list(SETTINGS).index("joint_v3_icr")
+    # liver (id 1), spleen (id 4), right kidney (id 2), left kidney (id 3)
+    assert f"| Joint V3 + Licr | {10 + k:.1f}±0.5 | {40 + k:.1f}±0.5 | {20 + k:.1f}±0.5 | {30 + k:.1f}±0.5 |" in t5
+    t3 = paper_table_markdown([row("backbone_ct"), row("full")], list(labels), "table3", labels)
+    assert "Table 3 layout" in t3 and "| Ours |" in t3 and "| Backbone |" in t3
+    with pytest.raises(ValueError, match="unknown task 'liver'"):
+        run_comparison("full", task="liver")
+
+
+@pytest.mark.slow
+def test_tiny_abdominal_run_produces_its_table5_row(tmp_path):
+    """Real training + evaluation at toy size on BTCV + CHAOS layouts (the bundle's abdomen.json): a one-term row of
+    Table 5 (Joint V3 + L_mcr: a nested loss switch on top of a variant) produces its row from the bundle's
+    metrics, with the abdominal columns."""
+    from common.data.synthetic.abdomen import write_abdomen
+
+    data = tmp_path / "abdomen"
+    write_abdomen(data, n_ct=3, n_mr=3, seed=5, ct_shape=(32, 32, 12), ct_spacing=(12.0, 12.0, 20.0),
+                  mr_shape=(32, 32, 10), mr_spacing=(12.0, 12.0, 24.0), progress=False)
+    tiny = {"spatial_size": 32, "pixdim": [12.0, 12.0, 24.0], "embed_dim": 8, "num_heads": [1, 1, 1, 1],
+            "depths": [1, 1, 1, 1], "decoder_depths": [1, 1, 1], "window_size": 2, "batch_size": 2, "epochs": 1,
+            "epoch_length": 1, "val_interval": 100, "augment_prob": 0.0, "torch_threads": 1, "infer_batch_size": 32,
+            "val_fraction": 0.0, "test_fraction": 0.34}
+    out = tmp_path / "cmp"
+    result = run_comparison("joint_v3_mcr", output_dir=str(out), dataset_dir=str(data),
+                            overrides=tiny, device="cpu", task="abdomen")
+    assert result["task"] == "abdomen" and result["structures"] == ABDOMEN
+    md = (out / "comparison.md").read_text()
+    assert "Table 5 layout" in md and "Table 2 layout" not in md and "| Methods | CT Liver | CT Spleen |" in md
+    assert sum(ln.startswith("| Joint V3 + Lmcr |") for ln in md.splitlines()) == 2  # its Dice and ASD lines
+    assert "| Joint V3 + Licr |" not in md  # a row whose run was not asked for is left out
+    for r in result["rows"]:
+        assert r["table2"]["dice"]["ct"]["n_cases"] == 1 and r["table2"]["dice"]["mr"]["n_cases"] == 1

@@ -591,8 +591,9 @@ def image_modality(image: str | Path, info: Mapping[str, Any] | None, modalities
 def lssc_label_convention(label: str | Path, structures: Sequence[str]) -> str:
     """``"class ids"`` when ``label`` holds the bundle's class ids (0, 1..K in ``structures`` order: what the
     ``lssc_multimodal`` infer task returns, so what a viewer saves), ``"MM-WHS codes"`` when it holds MM-WHS codes (a
-    dataset's own ground truth). Both train as they are: the bundle's ``MapLabelValued`` maps the codes and leaves
-    the ids (which are no codes) unchanged.
+    dataset's own ground truth). Both train as they are: the bundle's label mapping (MONAI ``MapLabelValue`` per
+    modality, ``common.transforms.labels.MapLabelByModalityd``) maps the codes and leaves the ids (which are no
+    codes) unchanged.
 
     Raises:
         ValueError: other values, or both conventions in one label (naming the file and the values).
