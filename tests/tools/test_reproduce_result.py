@@ -63,3 +63,17 @@ def test_report_files_are_strict_json_markdown_and_png(tmp_path):
     assert data["p_value"] is None and data["holds"] is False
     assert "does NOT hold" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_comparison_from_seeds_averages_each_case_over_seeds_and_keeps_every_case():
+    method = [{"b": 2.0, "a": 1.0}, {"a": 3.0, "b": 4.0}]
+    baseline = [{"a": 0.0, "b": 1.0}, {"a": 2.0, "b": 1.0}]
+    c = Comparison.from_seeds("dice", True, method, baseline, unit="%", method_label="m*")
+    assert c.cases == ["a", "b"]
+    assert c.method_values == [2.0, 3.0] and c.baseline_values == [1.0, 1.0]
+    assert c.per_seed_method == [1.5, 3.5] and c.per_seed_baseline == [0.5, 1.5]
+    assert (c.unit, c.method_label, c.baseline_label) == ("%", "m*", "")
+    with pytest.raises(ValueError, match=r"run 3 scored other cases than run 0 \(differing: \['b'\]\)"):
+        Comparison.from_seeds("dice", True, method, [{"a": 0.0, "b": 1.0}, {"a": 2.0}])
+    with pytest.raises(ValueError, match="same number"):
+        Comparison.from_seeds("dice", True, method, baseline[:1])

@@ -11,6 +11,7 @@ import json
 import math
 import platform
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,10 @@ class Comparison:
     # per training seed: mean over cases (method, baseline); optional, shown for seed-to-seed spread
     per_seed_method: list[float] = field(default_factory=list)
     per_seed_baseline: list[float] = field(default_factory=list)
+    # what the two value lists are when they are not the claim's method and baseline (e.g. the method's own score
+    # outside vs inside a region); the Markdown and the plot then name them instead
+    method_label: str = ""
+    baseline_label: str = ""
 
     def __post_init__(self) -> None:
         if not (len(self.cases) == len(self.method_values) == len(self.baseline_values)):
@@ -62,6 +67,34 @@ class Comparison:
                              f"baseline ({len(self.baseline_values)}) values must have the same length")
         self.method_values = [float(v) for v in self.method_values]
         self.baseline_values = [float(v) for v in self.baseline_values]
+
+    @classmethod
+    def from_seeds(cls, metric: str, higher_is_better: bool, method_runs: Sequence[Mapping[str, float]],
+                   baseline_runs: Sequence[Mapping[str, float]], **kwargs: Any) -> Comparison:
+        """The comparison of per-case values averaged over training seeds.
+
+        ``method_runs[k]`` / ``baseline_runs[k]`` map case name -> value for training seed ``k``. Every run of both
+        arms must score the same cases (a case missing from a run is an error naming it: dropping it would change
+        the test set after the results are seen). Cases are sorted by name; ``per_seed_*`` are each run's mean over
+        the cases; ``kwargs`` go to the constructor (``unit``, ``note``, labels).
+        """
+        runs = [*method_runs, *baseline_runs]
+        if not method_runs or len(method_runs) != len(baseline_runs):
+            raise ValueError(f"{metric}: need the same number (>= 1) of method and baseline runs, got "
+                             f"{len(method_runs)} and {len(baseline_runs)}")
+        cases = sorted(runs[0])
+        for k, run in enumerate(runs):
+            if set(run) != set(cases):
+                diff = sorted(set(run) ^ set(cases))
+                raise ValueError(f"{metric}: run {k} scored other cases than run 0 (differing: {diff[:5]})")
+
+        def mean_over_seeds(arm: Sequence[Mapping[str, float]]) -> list[float]:
+            return [statistics.fmean(float(run[c]) for run in arm) for c in cases]
+
+        return cls(metric, higher_is_better, cases, mean_over_seeds(method_runs), mean_over_seeds(baseline_runs),
+                   per_seed_method=[statistics.fmean(float(v) for v in run.values()) for run in method_runs],
+                   per_seed_baseline=[statistics.fmean(float(v) for v in run.values()) for run in baseline_runs],
+                   **kwargs)
 
     def summary(self, alpha: float = ALPHA) -> dict[str, Any]:
         """Means, mean difference (method - baseline), n, p-value and whether the comparison favours the method."""
@@ -124,7 +157,8 @@ class ClaimResult:
             "n": first["n"], "test": PAIRED_TEST, "alpha": alpha, "p_value": first["p_value"], "holds": holds,
             "comparisons": [{**s, "cases": c.cases, "method_values": c.method_values,
                              "baseline_values": c.baseline_values, "per_seed_method": c.per_seed_method,
-                             "per_seed_baseline": c.per_seed_baseline, "note": c.note}
+                             "per_seed_baseline": c.per_seed_baseline, "note": c.note,
+                             "method_label": c.method_label, "baseline_label": c.baseline_label}
                             for c, s in zip(self.comparisons, summaries)],
             "criteria": [asdict(c) for c in self.criteria],
             "size": size, "seeds": seeds, "command": command, "runtime_s": runtime_s,
@@ -138,24 +172,34 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: a ``|`` in a metric name (``|GLS error|``) would split the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def _markdown(payload: dict[str, Any]) -> str:
     lines = [f"# Claim `{payload['claim']}`: {'holds' if payload['holds'] else 'does NOT hold'}", "",
              payload["statement"], "",
              f"Method: **{payload['method']}**; baseline: **{payload['baseline']}**. Size `{payload['size']}`, "
-             f"{payload['seeds']} training seed(s), {payload['runtime_s']:.0f} s. Command: `{payload['command']}`", "",
+             f"{payload['seeds']} training seed(s), {payload['runtime_s']:.0f} s wall"
+             + (f", {payload['cpu_time_s']:.0f} s CPU" if "cpu_time_s" in payload else "")
+             + f". Command: `{payload['command']}`", "",
              f"Paired test: {payload['test']}, alpha {payload['alpha']}.", "",
              "| metric | method mean ± sd | baseline mean ± sd | difference | n | p | holds |",
              "|---|---|---|---|---|---|---|"]
     for c in payload["comparisons"]:
         unit = f" {c['unit']}" if c["unit"] else ""
         arrow = "↑" if c["higher_is_better"] else "↓"
-        lines.append(f"| {c['metric']}{unit} {arrow} | {_fmt(c['method_mean'])} ± {_fmt(c['method_sd'])} | "
+        labels = (f" ({c['method_label'] or payload['method']} vs {c['baseline_label'] or payload['baseline']})"
+                  if c.get("method_label") or c.get("baseline_label") else "")
+        lines.append(f"| {_cell(c['metric'])}{unit} {arrow}{_cell(labels)} | "
+                     f"{_fmt(c['method_mean'])} ± {_fmt(c['method_sd'])} | "
                      f"{_fmt(c['baseline_mean'])} ± {_fmt(c['baseline_sd'])} | {_fmt(c['mean_difference'])} | "
                      f"{c['n']} | {_fmt(c['p_value'])} | {'yes' if c['holds'] else 'no'} |")
     if payload["criteria"]:
         lines += ["", "| criterion | value | condition | holds |", "|---|---|---|---|"]
         for c in payload["criteria"]:
-            lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['comparison']} {_fmt(c['threshold'])} | "
+            lines.append(f"| {_cell(c['name'])} | {_fmt(c['value'])} | {c['comparison']} {_fmt(c['threshold'])} | "
                          f"{'yes' if c['holds'] else 'no'} |")
     notes = [c["note"] for c in payload["comparisons"] + payload["criteria"] if c.get("note")]
     if notes:
@@ -175,7 +219,8 @@ def _plot(payload: dict[str, Any], out_png: Path) -> Path:
             ax.plot([0, 1], [b, m], color="#2ca02c" if better else "#d62728", alpha=0.5, lw=1)
         ax.scatter([0] * c["n"], c["baseline_values"], color="#7f7f7f", s=12, zorder=3)
         ax.scatter([1] * c["n"], c["method_values"], color="#1f77b4", s=12, zorder=3)
-        ax.set_xticks([0, 1], [payload["baseline"], payload["method"]])
+        ax.set_xticks([0, 1], [c.get("baseline_label") or payload["baseline"],
+                               c.get("method_label") or payload["method"]])
         ax.set_xlim(-0.3, 1.3)
         ax.set_ylabel(f"{c['metric']} ({c['unit']})" if c["unit"] else c["metric"])
         ax.set_title(f"{c['metric']}: p = {_fmt(c['p_value'])} ({'holds' if c['holds'] else 'does not hold'})",

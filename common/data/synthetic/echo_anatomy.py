@@ -360,19 +360,26 @@ class EchoAnatomy:
         return out_l.reshape(shape), out_r.reshape(shape)
 
     # ------------------------------------------------------------------ centre line
+    def _centre_line_shape(self) -> tuple[float, dict[int, float], float]:
+        """Semi-axes of the mid-wall ellipse (``a_l`` along the axis, ``b[side]`` across) and the parameter
+        ``t_end`` of its basal ends: a side's line is ``l = cL - a_l cos(t), r = side b[side] sin(t)``, t in
+        [0, t_end], t = 0 at the apex."""
+        a_l = self.cL + 0.5 * self.h_a
+        l_end = self.L - 2.0
+        t_end = math.acos(np.clip((self.cL - l_end) / a_l, -1.0, 1.0))
+        return a_l, {s: self.R[s] + 0.5 * self.h[s] for s in (-1, 1)}, t_end
+
     def centre_line(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` reference points (l, r) equally spaced by arc length on the myocardial mid-wall line.
 
         The line runs from the left base through the apex to the right base, on the ellipse halfway between
         endocardium and epicardium (so it lies inside the myocardium), stopping 2 mm short of the mitral plane.
         """
-        a_l = self.cL + 0.5 * self.h_a
-        l_end = self.L - 2.0
-        t_end = math.acos(np.clip((self.cL - l_end) / a_l, -1.0, 1.0))  # l = cL - a_l cos(t), t = 0 at the apex
+        a_l, b_side, t_end = self._centre_line_shape()
         ts = np.linspace(0.0, t_end, 600)
         pts = []
         for s in (-1, 1):
-            b = self.R[s] + 0.5 * self.h[s]
+            b = b_side[s]
             ll = self.cL - a_l * np.cos(ts)
             rr = s * b * np.sin(ts)
             pts.append((ll, rr))
@@ -382,3 +389,39 @@ class EchoAnatomy:
         s_cum = np.concatenate([[0.0], np.cumsum(seg)])
         s_new = np.linspace(0.0, s_cum[-1], n)
         return np.interp(s_new, s_cum, l_all), np.interp(s_new, s_cum, r_all)
+
+    def centre_line_length(self, c: float, panels: int = 32, order: int = 8) -> float:
+        """Arc length (mm) of the continuous mid-wall centre line (the curve :meth:`centre_line` samples) deformed
+        by ``Φ`` at contraction ``c``: the true myocardial length behind the simulator's GLS.
+
+        The length is ``∫ |d/dt Φ_c(γ(t))| dt`` over each side's parameter ``t`` of the reference ellipse ``γ``
+        (:meth:`_centre_line_shape`), by composite Gauss-Legendre quadrature (``panels`` panels of ``order`` nodes
+        between consecutive breakpoints). It uses the motion model only, never a polyline through tracked points,
+        so it is an independent reference for the GLS of tracks. Breakpoints are where the deformed curve has a
+        kink: the longitudinal map is piecewise linear in ``l`` with knots at the endocardial apex (``l = 0``) and
+        the pathological segment's ends, and the quadrature would converge slowly across a kink. The derivative is
+        a central difference of ``Φ_c(γ(t))`` in ``t`` (step ``1e-6`` rad: truncation ~1e-12, rounding ~1e-9 of the
+        speed), since ``Φ`` is known only as a map, not in closed form; Gauss nodes sit well inside their panels,
+        so no difference straddles a breakpoint.
+        """
+        if panels < 1 or order < 1:
+            raise ValueError(f"panels and order must be >= 1, got {panels}, {order}")
+        a_l, b_side, t_end = self._centre_line_shape()
+        breaks = {0.0, t_end}
+        for l_knot in (0.0, *self.seg):
+            cos_t = (self.cL - l_knot) / a_l
+            if -1.0 < cos_t < 1.0 and 0.0 < math.acos(cos_t) < t_end:
+                breaks.add(math.acos(cos_t))
+        bp = np.array(sorted(breaks))
+        edges = np.unique(np.concatenate([np.linspace(bp[i], bp[i + 1], panels + 1) for i in range(bp.size - 1)]))
+        x, w = np.polynomial.legendre.leggauss(order)
+        half = 0.5 * np.diff(edges)[:, None]
+        t = ((0.5 * (edges[:-1] + edges[1:]))[:, None] + half * x).ravel()
+        weights = (half * w).ravel()
+        step = 1e-6
+        total = 0.0
+        for s in (-1, 1):
+            lp, rp = self.forward(self.cL - a_l * np.cos(t + step), s * b_side[s] * np.sin(t + step), c)
+            lm, rm = self.forward(self.cL - a_l * np.cos(t - step), s * b_side[s] * np.sin(t - step), c)
+            total += float(np.sum(weights * np.hypot(lp - lm, rp - rm)) / (2.0 * step))
+        return total

@@ -15,16 +15,15 @@ baseline").
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from common.data.synthetic.echo_layouts import write_tracking_h5
-from tools import runs
+from common.data.tracking_views import VIEWS, rotate_flip_tracking_h5, write_tracking_views
+from tools.reproduce.specknet_runs import evaluate_tracker, train_specknet
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
 
@@ -35,72 +34,22 @@ REDUCED = {"spatial_size": SIZE, "clip_len": 8, "batch_size": 2, "epochs": 30, "
 VIDEOS = {"image_size": (SIZE, SIZE), "n_frames": 24, "n_points": 16, "progress": False}
 N_TRAIN, N_HELDOUT = 8, 4  # training folder: 6 train + 2 validation videos; held-out videos: another seed
 DATA_SEED = 2
-# view name -> (quarter turns counter-clockwise, flip top to bottom afterwards)
-VIEWS = {"upright": (0, False), "rot90": (1, False), "vflip": (0, True)}
 OOD = ("rot90", "vflip")
-
-
-def rotate_flip_tracking_h5(src: Path, dst: Path, quarter_turns: int = 0, vflip: bool = False) -> Path:
-    """Write a copy of tracking file ``src`` at ``dst`` with every frame rotated by ``quarter_turns`` x 90°
-    counter-clockwise (``np.rot90`` on the ``(H, W)`` axes) and then, with ``vflip``, flipped top to bottom.
-
-    ``tracks`` ``(x, y)`` (pixel ``[r, c]`` centred at ``x = c, y = r``) and ``labels`` follow the frames exactly;
-    ``visible`` and every attribute are kept (lengths are unchanged, so ``gls_reference`` stays true). Returns ``dst``.
-    """
-    import h5py
-
-    with h5py.File(src, "r") as f:
-        video = f["video"][()]
-        tracks = f["tracks"][()].astype(np.float64)
-        visible = f["visible"][()]
-        labels = f["labels"][()] if "labels" in f else None
-        attrs = dict(f.attrs)
-    if video.ndim != 3:
-        raise ValueError(f"{src}: 'video' must be (T, H, W), got {video.shape}")
-    for _ in range(int(quarter_turns) % 4):
-        width = video.shape[2]
-        # np.rot90 puts input pixel [r, c] at [W - 1 - c, r]: x' = y, y' = W - 1 - x
-        video = np.rot90(video, 1, axes=(1, 2))
-        labels = None if labels is None else np.rot90(labels, 1, axes=(1, 2))
-        tracks = np.stack([tracks[..., 1], (width - 1) - tracks[..., 0]], axis=-1)
-    if vflip:
-        height = video.shape[1]
-        video, labels = video[:, ::-1], None if labels is None else labels[:, ::-1]
-        tracks = np.stack([tracks[..., 0], (height - 1) - tracks[..., 1]], axis=-1)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(dst, "w") as f:
-        f.create_dataset("video", data=np.ascontiguousarray(video))
-        f.create_dataset("tracks", data=tracks.astype(np.float32))
-        f.create_dataset("visible", data=visible)
-        if labels is not None:
-            f.create_dataset("labels", data=np.ascontiguousarray(labels))
-        f.attrs.update(attrs)
-    return dst
 
 
 def write_study_data(root: Path, seed: int) -> tuple[Path, Path]:
     """Training folder (``seed``) and held-out views folder (videos of another seed, one sub-folder per view)."""
     train = write_tracking_h5(root / "train", n_videos=N_TRAIN, seed=seed, **VIDEOS)
     heldout = write_tracking_h5(root / "heldout", n_videos=N_HELDOUT, seed=seed + 1000, **VIDEOS)
-    views = root / "views"
-    for name, (turns, vflip) in VIEWS.items():
-        for p in sorted(heldout.glob("*.h5")):
-            rotate_flip_tracking_h5(p, views / name / p.name, turns, vflip)
-    return train, views
+    return train, write_tracking_views(heldout, root / "views")
 
 
-def train_and_evaluate(configs: Path, root: Path, train_dir: Path, views_dir: Path, augment: bool) -> dict:
+def train_and_evaluate(root: Path, train_dir: Path, views_dir: Path, augment: bool) -> dict:
     """Train the reduced configuration on ``train_dir`` and evaluate every video of ``views_dir``; returns the
     report's ``per_dataset`` metrics (one entry per view)."""
-    common = {**REDUCED, "augment": augment, "bundle_root": str(root)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        runs.run_workflow(configs, ["train.json"], "train", dataset_dir=str(train_dir),
-                          output_dir=str(root / "train_log"), **common)
-        runs.run_workflow(configs, ["train.json", "evaluate.json"], "train", dataset_dir=str(views_dir),
-                          output_dir=str(root / "eval"), eval_split="all", **common)
-    report = json.loads((root / "eval" / "metrics.json").read_text())
-    return report["per_dataset"]
+    overrides = {**REDUCED, "augment": augment}
+    ckpt = train_specknet(root, train_dir, overrides)
+    return evaluate_tracker(root / "eval", views_dir, overrides, ckpt_path=ckpt)["per_dataset"]
 
 
 def test_rotated_and_flipped_copies_keep_every_point_on_its_speckle(tmp_path):
@@ -138,11 +87,10 @@ def test_rotated_and_flipped_copies_keep_every_point_on_its_speckle(tmp_path):
 
 
 @pytest.mark.slow
-def test_impartial_motion_training_beats_the_baseline_on_rotated_and_flipped_views(specknet, tmp_path):
+def test_impartial_motion_training_beats_the_baseline_on_rotated_and_flipped_views(tmp_path):
     train_dir, views_dir = write_study_data(tmp_path, DATA_SEED)
     t0 = time.perf_counter()
-    res = {aug: train_and_evaluate(specknet.CONFIGS, tmp_path / f"augment_{aug}", train_dir, views_dir, aug)
-           for aug in (True, False)}
+    res = {aug: train_and_evaluate(tmp_path / f"augment_{aug}", train_dir, views_dir, aug) for aug in (True, False)}
     lines = [f"{v:8s} {'impartial' if aug else 'baseline':9s} delta_avg {res[aug][v]['delta_avg']:5.1f} "
              f"(zero motion {res[aug][v]['zero_motion_delta_avg']:5.1f})  MTE {res[aug][v]['mte']:5.2f} px "
              f"(zero motion {res[aug][v]['zero_motion_mte']:5.2f})" for v in VIEWS for aug in (True, False)]

@@ -10,11 +10,11 @@ from scipy import ndimage
 
 from common.data.synthetic.echo import (
     EchoSequence,
-    gls_from_tracks,
     plot_echo_sequence,
-    polyline_length,
     simulate_echo_sequence,
 )
+from common.data.synthetic.echo_anatomy import EchoAnatomy, contraction, sample_patient_params, sample_view_params
+from common.metrics.tracking import global_longitudinal_strain, polyline_length
 
 SIZE = (224, 256)  # non-square, so any H/W mix-up shows
 
@@ -149,9 +149,70 @@ def test_gls_normal_range_and_pathology(seqs):
         assert 40.0 < a.ef < 75.0 and b.ef < a.ef
     assert np.std(normal) > 0.3  # patients differ
     s = seqs["2CH"]
-    assert gls_from_tracks(s.tracks, s.ed_frame, s.es_frame, s.spacing) == pytest.approx(s.gls, abs=1e-6)
+    # the true GLS is that of the continuous centre line; the 32 tracked points' polyline differs from it by its
+    # discretisation only (a few tenths of a point, see test_true_gls_is_the_arc_length_of_the_deformed_centre_line)
+    tracked = global_longitudinal_strain(s.tracks, s.ed_frame, s.es_frame, s.spacing).gls
+    assert 0.0 < abs(tracked - s.gls) < 0.5, (tracked, s.gls)
     lengths = polyline_length(s.tracks, s.spacing)
     assert lengths.argmin() == s.es_frame and lengths[-1] == pytest.approx(lengths[0], rel=1e-3)  # 1 cycle
+
+
+def _anatomy(seed: int, view: str, pathology: float) -> EchoAnatomy:
+    rng = np.random.default_rng(seed)
+    patient = sample_patient_params(rng)
+    return EchoAnatomy(patient, sample_view_params(rng, view, patient), pathology)
+
+
+@pytest.mark.parametrize("view,pathology", [("2CH", 0.0), ("4CH", 1.0)])
+def test_true_gls_is_the_arc_length_of_the_deformed_centre_line(view, pathology):
+    """The reference GLS comes from the motion model (quadrature along the continuous line), not from tracks: it
+    matches closed-form elliptic arcs at ED, a very dense polyline of the simulated tracks, and differs from the
+    n-point polyline by exactly the discretisation a polyline has (chords shorter than arcs)."""
+    from scipy.special import ellipeinc
+
+    anat = _anatomy(7, view, pathology)
+    a_l, b, t_end = anat._centre_line_shape()
+    # ED (c = 0, Φ = identity): two elliptic arcs l = cL - a cos t, r = ±b sin t, t in [0, t_end]; with u = π/2 - t
+    # the speed is a sqrt(1 - m sin² u), m = 1 - b²/a², so each arc is an incomplete elliptic integral
+    m = {s: 1.0 - (b[s] / a_l) ** 2 for s in (-1, 1)}
+    exact_ed = sum(a_l * (ellipeinc(np.pi / 2, m[s]) - ellipeinc(np.pi / 2 - t_end, m[s])) for s in (-1, 1))
+    length_ed = anat.centre_line_length(0.0)
+    assert length_ed == pytest.approx(exact_ed, rel=1e-9)
+    length_es = anat.centre_line_length(1.0)
+    assert length_es < 0.9 * length_ed  # the line shortens in systole
+
+    # n-point polylines: shorter than the arc; at ED (a smooth curve) by sum(κ² h³ / 24), the chord error of each
+    # segment; at ES the deformed line has kinks (the piecewise-linear longitudinal map), so the error shrinks more
+    # slowly, but it shrinks towards the quadrature as n grows
+    shortfall_es, gls_gap = [], []
+    for n in (32, 64, 128):
+        l, r = anat.centre_line(n)
+        chord_ed = polyline_length(np.stack([l, r], -1))
+        bm = np.where(0.5 * (r[1:] + r[:-1]) >= 0, b[1], b[-1])
+        t = np.arccos((anat.cL - l) / a_l)
+        tm = np.where(np.sign(r[1:]) != np.sign(r[:-1]), 0.0, 0.5 * (t[1:] + t[:-1]))  # the segment over the apex
+        kappa = a_l * bm / (a_l**2 * np.sin(tm) ** 2 + bm**2 * np.cos(tm) ** 2) ** 1.5
+        predicted = np.sum(kappa**2 * np.hypot(np.diff(l), np.diff(r)) ** 3 / 24.0)
+        assert length_ed - chord_ed == pytest.approx(predicted, rel=0.05), n
+        chord_es = polyline_length(np.stack(anat.forward(l, r, 1.0), -1))
+        shortfall_es.append(1.0 - chord_es / length_es)
+        gls_gap.append(100.0 * (chord_es / chord_ed - length_es / length_ed))
+    assert all(v > 0 for v in shortfall_es) and shortfall_es[0] > shortfall_es[1] > shortfall_es[2]
+    assert 1e-2 < abs(gls_gap[0]) < 1.0 and abs(gls_gap[0]) > abs(gls_gap[1]) > abs(gls_gap[2])
+
+    # the simulator stores that reference: a very dense polyline of its own tracks gives the same GLS to ~0.1 %,
+    # the default 32 tracks differ by their discretisation
+    dense = simulate_echo_sequence(7, view=view, n_frames=8, image_size=(64, 64), n_track_points=4000,
+                                   pathology=pathology)
+    dense_gls = global_longitudinal_strain(dense.tracks, dense.ed_frame, dense.es_frame, dense.spacing).gls
+    assert dense_gls == pytest.approx(dense.gls, rel=1e-3)
+    c_es = float(contraction(dense.es_frame / (dense.n_frames - 1), dense.params["patient"]["systole"]))
+    sim_anat = dense._sim.anat
+    assert dense.gls == pytest.approx(
+        100.0 * (sim_anat.centre_line_length(c_es) / sim_anat.centre_line_length(0.0) - 1.0), abs=1e-9)
+    coarse = simulate_echo_sequence(7, view=view, n_frames=8, image_size=(64, 64), pathology=pathology)
+    coarse_gls = global_longitudinal_strain(coarse.tracks, coarse.ed_frame, coarse.es_frame, coarse.spacing).gls
+    assert coarse.gls == dense.gls and 1e-2 < abs(coarse_gls - coarse.gls) < 1.0
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:

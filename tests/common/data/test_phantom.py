@@ -173,7 +173,7 @@ def test_an_older_cache_layout_is_regenerated(tmp_path, monkeypatch):
     assert "centreline_ordered" not in read_tracking_h5(root / "video0001.h5")
     assert Path(ensure_dataset(None, "tracking", **tiny)) == root
     assert read_tracking_h5(root / "video0001.h5")["centreline_ordered"] is True
-    assert "version=2" in (root / ".synthetic-complete").read_text()
+    assert f"version={CACHE_VERSIONS['tracking']}" in (root / ".synthetic-complete").read_text()
 
     calls = []
     generate_once(tmp_path / "x", lambda d: (d.mkdir(), calls.append(1)), "x", version=3)

