@@ -18,8 +18,9 @@ The per-pair tables are joined by pair name and AdaCS is compared with each base
 
 Examples::
 
-    # the paper's setting on real data (GPU recommended): both datasets, VoxelMorph and TransMorph, all methods
-    python -m tools.adacs_compare --dataset_dirs /data/ACDC,/data/CAMUS --architectures voxelmorph,transmorph
+    # the paper's setting on real data (GPU recommended): both datasets, the three architectures, all methods
+    python -m tools.adacs_compare --dataset_dirs /data/ACDC,/data/CAMUS \
+        --architectures voxelmorph,transmorph,diffusemorph
 
     # a CPU-sized run on synthetic pairs with lost-correspondence regions
     python -m tools.synth registration --out data/pairs48 --patients 48
@@ -59,11 +60,17 @@ ARCH_LABELS = {"voxelmorph": ("CNN", "Voxelmorph"), "transmorph": ("Transformer"
 TABLE_METRICS = (("DSC", "dice", 100.0), ("HD", "hd", 1.0), ("ASD", "asd", 1.0))
 PROTOCOLS = ("authors", "same")
 BASELINE_PROTOCOL = "baseline_protocol.json"
+# learning rates of the authors' baseline runs that differ from baseline_protocol.json's Adam 1e-4: their DiffuseMorph
+# scripts keep the 2e-5 of their DiffuseMorph 2D config for every method
+AUTHORS_BASELINE_LR = {"diffusemorph": 2e-5}
 
 
 def method_run_config(protocol: str, method: str, overrides: dict[str, Any] | None = None,
-                      method_overrides: dict[str, dict[str, Any]] | None = None) -> tuple[list[str], dict[str, Any]]:
+                      method_overrides: dict[str, dict[str, Any]] | None = None,
+                      architecture: str = "voxelmorph") -> tuple[list[str], dict[str, Any]]:
     """Extra config files and overrides that train ``method`` under ``protocol`` (see the module docstring).
+
+    Under ``authors`` the baselines of an architecture in :data:`AUTHORS_BASELINE_LR` keep that learning rate.
 
     Returns:
         ``(files, overrides)``: config files to add after ``train.json`` (names in the bundle's ``configs``) and the
@@ -78,6 +85,8 @@ def method_run_config(protocol: str, method: str, overrides: dict[str, Any] | No
             out["model_selection"] = "last"
         else:
             files.append(BASELINE_PROTOCOL)
+            if architecture in AUTHORS_BASELINE_LR:
+                out["learning_rate"] = AUTHORS_BASELINE_LR[architecture]
     out.update(overrides or {})
     bad = sorted(set(method_overrides or {}) - set(METHOD_LABELS))
     if bad:
@@ -213,7 +222,8 @@ def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Seque
 
     Args:
         dataset_dirs: dataset folders (ACDC, CAMUS or registration-pair layout), comma-separated or a list.
-        architectures: displacement estimators (``voxelmorph``, ``transmorph``).
+        architectures: displacement estimators (``voxelmorph``, ``transmorph``, ``diffusemorph``: the CNN,
+            Transformer and Diffusion groups of Table 1).
         methods: any of ``adacs, plain, adareg, adaframe, nll, beta_nll`` (AdaCS is the reference of Table 2).
         output_dir: where runs and reports go.
         overrides: bundle config overrides applied to every run (e.g. ``epochs``, ``spatial_size``); they win over
@@ -229,6 +239,7 @@ def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Seque
     """
     from common.data.pairs import detect_pair_layout
     from common.engines.registration import METHODS
+    from common.networks.registration import ESTIMATORS
 
     out = Path(output_dir).resolve()
     datasets = [Path(d).expanduser().resolve() for d in _split(dataset_dirs)]
@@ -241,6 +252,9 @@ def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Seque
     bad = [m for m in meths if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; choose from {METHODS}")
+    bad = [a for a in archs if a not in ESTIMATORS]
+    if bad:
+        raise ValueError(f"unknown architectures {bad}; choose from {sorted(ESTIMATORS)}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     extra = dict(overrides or {})
@@ -259,7 +273,7 @@ def run_comparison(dataset_dirs: str | Sequence[str], architectures: str | Seque
                 t0 = time.time()
                 if not (skip_existing and csv_path.is_file()):
                     print(f"== {name} {arch} {method}: training", flush=True)
-                    files, run_overrides = method_run_config(protocol, method, extra, method_overrides)
+                    files, run_overrides = method_run_config(protocol, method, extra, method_overrides, arch)
                     common = {**run_overrides, "dataset_dir": str(d), "architecture": arch, "method": method,
                               "bundle_root": str(root), "output_dir": str(root / "eval")}
                     _run_bundle(["train.json", *files], common)

@@ -10,6 +10,7 @@ Examples::
     python -m tools.synth mmwhs --out data/mmwhs --patients 10                        # per modality
     python -m tools.synth abdomen --out data/abdomen --patients 4
     python -m tools.synth registration --out data/pairs --patients 24                 # pairs
+    python -m tools.synth registration3d --out data/echo3d --patients 16              # 3D ED/ES volumes
     python -m tools.synth preview --out echo_preview.png --seed 0 --view 4CH
     python -m tools.synth phantom --out data/phantom --videos 10 --seed 0 --motion mixed --amplitude [2,10]
 
@@ -30,7 +31,7 @@ import fire
 
 from common.data.default import SYNTHETIC_KINDS
 
-__all__ = ["echo", "acdc", "mmwhs", "abdomen", "registration", "phantom", "preview", "main"]
+__all__ = ["echo", "acdc", "mmwhs", "abdomen", "registration", "registration3d", "phantom", "preview", "main"]
 
 ECHO_LAYOUTS = ("camus", "camus_mhd", "ted", "tracking")
 # the writers name their size argument after what they count
@@ -82,6 +83,14 @@ def registration(out: str, patients: int | None = None, seed: int = 0, **kwargs:
     return _write("registration", out, patients, seed, **kwargs)
 
 
+def registration3d(out: str, patients: int | None = None, seed: int = 0, **kwargs: Any) -> str:
+    """3D echo ED/ES volume pairs, one folder per case (``*_ED``, ``*_ES``, ``*_ED_gt``, ``*_ES_gt``, ``*_lost``,
+    ``*_ED2ES_disp``), with regions that lose correspondence; ``--shape [X,Y,Z]`` sets the volume size."""
+    if "shape" in kwargs:
+        kwargs["shape"] = tuple(int(s) for s in kwargs["shape"])
+    return _write("registration3d", out, patients, seed, **kwargs)
+
+
 def phantom(out: str, videos: int = 10, seed: int = 0, motion: str = "mixed", amplitude: Any = (2.0, 10.0),
             **kwargs: Any) -> str:
     """Anatomy-free speckle phantoms (tracking HDF5 layout) with exact trajectories of a rotation, contraction,
@@ -111,7 +120,7 @@ def preview(out: str = "echo_preview.png", seed: int = 0, view: str = "4CH", n_f
 def main() -> None:
     try:
         fire.Fire({"echo": echo, "acdc": acdc, "mmwhs": mmwhs, "abdomen": abdomen, "registration": registration,
-                   "phantom": phantom, "preview": preview})
+                   "registration3d": registration3d, "phantom": phantom, "preview": preview})
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

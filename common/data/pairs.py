@@ -12,15 +12,24 @@ Layouts (:func:`detect_pair_layout` tells them apart; real downloads load unchan
   and thresholded at 0.5), myocardium = label 2.
 * ``"pairs"`` — this repository's registration-pair layout (:mod:`common.data.registration`, synthetic pairs with
   ``lost`` maps): used as is when already ``spatial_size``, else resized like CAMUS; the ``lost`` map is carried.
+* ``"volumes"`` — the 3D layout of real 3D echo datasets (:func:`common.data.registration.volume_pairs_datalist`:
+  ``caseNNN/caseNNN_ED.nii.gz``, ``_ES``, ``_ED_gt``, ``_ES_gt``, optional ``_lost``): one pair per case, 3D only,
+  myocardium = label 2.
+
+3D (``spatial_dims=3``, a three-entry ``spatial_size``): every pair is a whole volume resized to ``spatial_size``
+(trilinear; masks resized as floats and thresholded at 0.5), as the AdaCS supplementary resizes its 3D echo
+volumes; ACDC then gives **one pair per patient** (the whole short-axis stack of ED and ES, not one slice).
 
 Every image is min-max normalised to [0, 1] after cropping/resizing. :class:`LoadRegistrationPaird` turns a datalist
-entry into ``image`` ``(2, H, W)`` (channel 0 source = ED, channel 1 target = ES), ``label`` ``(2, H, W)`` (binary
-myocardium of source and target) and, for the ``pairs`` layout, ``lost`` ``(1, H, W)``. Arrays keep the reader's axis
+entry into ``image`` ``(2, H, W)`` (``(2, X, Y, Z)`` in 3D; channel 0 source = ED, channel 1 target = ES),
+``label`` ``(2, H, W)`` (binary myocardium of source and target) and, for the ``pairs`` and ``volumes`` layouts,
+``lost`` ``(1, H, W)``. Arrays keep the reader's axis
 order (NIfTI ``(X, Y)``, CAMUS ``(H, W)`` apex at the top); displacements live in that order.
 
 Splits (patient level): ACDC official folders: ``testing/`` is the test set and ``training/`` is split 80:20 into
 train/val (the paper's 80/20/50 patients); flat ACDC folders: 80:20:50 of all patients; CAMUS: the CAMUS reader's
-rules with 20 % val and 20 % test (the paper's 300/100/100); pairs: 60:20:20 of the pairs. All seeded.
+rules with 20 % val and 20 % test (the paper's 300/100/100); pairs and volumes: 60:20:20 of the pairs (the
+supplementary's 60/19/20 3D echo cases). All seeded.
 
 Inference input (:func:`inference_pairs`, :class:`LoadInferencePaird`): one source/target pair of 2D images (NIfTI,
 MetaImage, DICOM or PNG) or a folder of pairs named ``<name>_source.<ext>`` / ``<name>_target.<ext>`` with an
@@ -46,7 +55,7 @@ from common.data.acdc import acdc_datalist, find_acdc_patients
 from common.data.camus import camus_datalist, find_camus_patients, load_echo_frame
 from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError, check_finite, read_image
-from common.data.registration import registration_pairs_datalist
+from common.data.registration import registration_pairs_datalist, volume_pairs_datalist
 from common.data.splits import resolve_split
 
 __all__ = [
@@ -58,14 +67,16 @@ __all__ = [
     "min_max_normalise",
     "crop_around",
     "resize_2d",
+    "resize_nd",
     "read_pair_image",
     "LoadRegistrationPaird",
     "inference_pairs",
     "LoadInferencePaird",
 ]
 
-PAIR_LAYOUTS = ("acdc", "camus", "pairs")
-MYO_LABELS = {"acdc": 2, "camus": 2, "pairs": 1}
+PAIR_LAYOUTS = ("acdc", "camus", "pairs", "volumes")
+MYO_LABELS = {"acdc": 2, "camus": 2, "pairs": 1, "volumes": 2}
+LAYOUTS_3D_ONLY = ("volumes",)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 ACDC_OFFICIAL_FRACTIONS = (80, 20)  # train/val of the 100 training patients (paper: 80/20, test = testing/)
 ACDC_FLAT_FRACTIONS = (80, 20, 50)  # the paper's proportions when the folder has no official split
@@ -83,11 +94,15 @@ def _dataset_root(root: str | Path) -> Path:
 
 
 def detect_pair_layout(root: str | Path) -> str:
-    """``"acdc"``, ``"camus"`` or ``"pairs"`` for a dataset folder; ``DataError`` naming the folder otherwise."""
+    """``"acdc"``, ``"camus"``, ``"pairs"`` or ``"volumes"`` for a dataset folder; ``DataError`` naming the folder
+    otherwise."""
     root = _dataset_root(root)
     # any source image of the pair layout decides it; an incomplete pair is then reported by the datalist
     if any((root / "pairs").glob("*_source.nii*")) or any(root.glob("pair*_source.nii*")):
         return "pairs"
+    # a case folder holding <case>_ED.nii[.gz] (ACDC names its frames patientNNN_frameNN, CAMUS <patient>_<view>_ED)
+    if any(d.is_dir() and any(d.glob(f"{d.name}_ED.nii*")) for d in root.iterdir()):
+        return "volumes"
     # ACDC and CAMUS both name folders patientNNN...: the config files inside tell them apart
     for finder, layout, marker in ((find_acdc_patients, "acdc", "Info.cfg"), (find_camus_patients, "camus", None)):
         try:
@@ -104,7 +119,8 @@ def detect_pair_layout(root: str | Path) -> str:
             return layout
     raise DataError(
         f"{root}: not a registration dataset; expected the ACDC layout (patientNNN/Info.cfg), the CAMUS layout "
-        f"(patientNNNN/Info_2CH.cfg) or registration pairs (pairs/pairNNNN_source.nii.gz)"
+        f"(patientNNNN/Info_2CH.cfg), registration pairs (pairs/pairNNNN_source.nii.gz) or 3D volume pairs "
+        f"(caseNNN/caseNNN_ED.nii.gz)"
     )
 
 
@@ -121,7 +137,8 @@ def _fractions(default: Sequence[float], val_fraction: float | None, test_fracti
 
 
 def _acdc_entries(root: Path, split: str | None, seed: int, slices: str, val_fraction: float | None = None,
-                  test_fraction: float | None = None, ledger: FailureRecorder | None = None) -> list[dict]:
+                  test_fraction: float | None = None, ledger: FailureRecorder | None = None,
+                  spatial_dims: int = 2) -> list[dict]:
     found = find_acdc_patients(root)
     if "all" in found:
         fractions = _fractions(ACDC_FLAT_FRACTIONS, val_fraction, test_fraction)
@@ -135,6 +152,12 @@ def _acdc_entries(root: Path, split: str | None, seed: int, slices: str, val_fra
         if lab_ed.ndim == 2:
             lab_ed, lab_es = lab_ed[..., None], lab_es[..., None]
         myo = MYO_LABELS["acdc"]
+        if spatial_dims == 3:  # the whole short-axis stack of ED and ES is one pair
+            if not ((lab_ed == myo).any() and (lab_es == myo).any()):
+                return []
+            return [{"name": p["patient"], "layout": "acdc", "patient": p["patient"], "source": p["image_ed"],
+                     "target": p["image_es"], "source_label": p["label_ed"], "target_label": p["label_es"],
+                     "slice": -1}]
         valid = [z for z in range(lab_ed.shape[2]) if (lab_ed[..., z] == myo).any() and (lab_es[..., z] == myo).any()]
         if slices == "mid" and valid:
             valid = [valid[len(valid) // 2]]
@@ -168,9 +191,24 @@ def _pairs_entries(root: Path, split: str | None, seed: int, val_fraction: float
                                                  ledger=ledger)]
 
 
+def _volumes_entries(root: Path, split: str | None, seed: int, val_fraction: float | None = None,
+                     test_fraction: float | None = None, ledger: FailureRecorder | None = None) -> list[dict]:
+    out = []
+    for e in volume_pairs_datalist(root, split=split, seed=seed, ledger=ledger,
+                                   fractions=_fractions(PAIRS_FRACTIONS, val_fraction, test_fraction)):
+        entry = {"name": e["case"], "layout": "volumes", "patient": e["case"], "source": e["source"],
+                 "target": e["target"], "source_label": e["source_label"], "target_label": e["target_label"],
+                 "slice": -1}
+        if "lost" in e:
+            entry["lost"] = e["lost"]
+        out.append(entry)
+    return out
+
+
 def pair_datalist(root: str | Path, split: str | None = None, layout: str = "auto", seed: int = 0,
                   slices: str = "all", val_fraction: float | None = None,
-                  test_fraction: float | None = None, ledger: FailureRecorder | None = None) -> list[dict]:
+                  test_fraction: float | None = None, ledger: FailureRecorder | None = None,
+                  spatial_dims: int = 2) -> list[dict]:
     """MONAI datalist of ED -> ES pairs of a dataset folder (see the module docstring for layouts and splits).
 
     Args:
@@ -185,10 +223,11 @@ def pair_datalist(root: str | Path, split: str | None = None, layout: str = "aut
         ledger: evaluation's :class:`common.engines.screening.BatchLedger`: a patient (or pair) of the subset whose
             files cannot be read is recorded there (stage ``datalist``) and left out; without it (training) the first
             such case stops with an error naming the file (:func:`common.data.cases.build_cases`).
+        spatial_dims: 2 (slices / 2D images) or 3 (whole volumes: ACDC's ED/ES stacks, the ``volumes`` layout).
 
     Returns:
         ``[{name, layout, patient, source, target, source_label, target_label, slice[, lost]}]``; ``slice`` is the
-        ACDC slice index (-1 for 2D layouts). Raises ``DataError`` when the split holds no pair.
+        ACDC slice index (-1 for 2D layouts and for volumes). Raises ``DataError`` when the split holds no pair.
     """
     split = resolve_split(split)
     root = _dataset_root(root)
@@ -197,10 +236,19 @@ def pair_datalist(root: str | Path, split: str | None = None, layout: str = "aut
         raise ValueError(f"layout must be 'auto' or one of {PAIR_LAYOUTS}, got {layout!r}")
     if slices not in ("all", "mid"):
         raise ValueError(f"slices must be 'all' or 'mid', got {slices!r}")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if layout in LAYOUTS_3D_ONLY and spatial_dims != 3:
+        raise DataError(f"{root}: the {layout!r} layout holds 3D volumes; register them with spatial_dims 3 (a "
+                        "three-entry spatial_size, e.g. --spatial_size [64,64,64])")
+    if layout == "camus" and spatial_dims == 3:
+        raise DataError(f"{root}: the CAMUS layout holds 2D frames; register them with a two-entry spatial_size")
     if layout == "acdc":
-        out = _acdc_entries(root, split, seed, slices, val_fraction, test_fraction, ledger)
+        out = _acdc_entries(root, split, seed, slices, val_fraction, test_fraction, ledger, spatial_dims)
     elif layout == "camus":
         out = _camus_entries(root, split, seed, val_fraction, test_fraction, ledger)
+    elif layout == "volumes":
+        out = _volumes_entries(root, split, seed, val_fraction, test_fraction, ledger)
     else:
         out = _pairs_entries(root, split, seed, val_fraction, test_fraction, ledger)
     if not out:
@@ -268,13 +316,29 @@ def read_pair_image(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[flo
     return arr, np.asarray(img.affine, dtype=np.float64), spacing
 
 
-def _shift_affine(affine: np.ndarray, start: Sequence[int], scale: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
-    """Affine of a window starting at voxel ``start`` whose pixels are ``scale`` times the original ones."""
+def _shift_affine(affine: np.ndarray, start: Sequence[float], scale: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
+    """Affine of a window starting at voxel ``start`` whose pixels are ``scale`` times the original ones (2 or 3
+    axes). A grid resized with ``align_corners=False`` keeps the field of view, so its first voxel centre lies at
+    ``(scale - 1) / 2`` original voxels: the 3D resize passes that as ``start``."""
     a = np.asarray(affine, dtype=np.float64).copy()
-    a[:3, 3] = a[:3, 3] + a[:3, 0] * start[0] + a[:3, 1] * start[1]
-    a[:3, 0] *= scale[0]
-    a[:3, 1] *= scale[1]
+    for k in range(len(start)):
+        a[:3, 3] = a[:3, 3] + a[:3, k] * start[k]
+    for k in range(len(scale)):
+        a[:3, k] *= scale[k]
     return a
+
+
+def resize_nd(array: np.ndarray, size: Sequence[int], mask: bool = False) -> np.ndarray:
+    """Resize a 2D or 3D array (:func:`resize_2d` in 2D; trilinear with ``align_corners=False`` in 3D, without
+    antialiasing, which PyTorch offers only in 2D); masks thresholded at 0.5."""
+    if np.ndim(array) == 2:
+        return resize_2d(array, size, mask)
+    size = tuple(int(s) for s in size)
+    if tuple(array.shape) == size:
+        return np.asarray(array, dtype=np.float32)
+    t = torch.as_tensor(np.asarray(array, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
+    return (out >= 0.5).astype(np.float32) if mask else out
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -287,20 +351,25 @@ def _read_volume(path: str):
 
 
 class LoadRegistrationPaird(Transform):
-    """Datalist entry (:func:`pair_datalist`) -> ``{image (2, H, W), label (2, H, W)[, lost (1, H, W)], name}``.
+    """Datalist entry (:func:`pair_datalist`) -> ``{image (2, H, W), label (2, H, W)[, lost (1, H, W)], name}``
+    (``(2, X, Y, Z)``, ``(1, X, Y, Z)`` with a three-entry ``spatial_size``).
 
     ``image`` is a ``MetaTensor`` (channel 0 source, channel 1 target, each min-max normalised) whose meta holds
     ``filename_or_obj`` (the pair name), ``spacing`` of the output grid and the affine; ``label`` stacks the binary
     myocardium masks of source and target. See the module docstring for the per-layout crop/resize.
 
+    In 3D the whole volumes are resized to ``spatial_size`` and ``image.meta`` also holds ``original_shape``,
+    ``original_affine`` and ``original_spacing`` of the source file, so evaluation can map the displacement back
+    onto the input grid.
+
     Args:
-        spatial_size: output size ``(H, W)``; default ``(128, 128)``.
+        spatial_size: output size ``(H, W)`` (2D) or ``(X, Y, Z)`` (3D); default ``(128, 128)``.
     """
 
     def __init__(self, spatial_size: Sequence[int] = (128, 128)) -> None:
         self.spatial_size = tuple(int(s) for s in spatial_size)
-        if len(self.spatial_size) != 2 or min(self.spatial_size) < 1:
-            raise ValueError(f"spatial_size must be two positive ints, got {spatial_size}")
+        if len(self.spatial_size) not in (2, 3) or min(self.spatial_size) < 1:
+            raise ValueError(f"spatial_size must be two (2D) or three (3D) positive ints, got {spatial_size}")
 
     def _read(self, entry: Mapping, key: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
         path = entry[key]
@@ -309,6 +378,13 @@ class LoadRegistrationPaird(Transform):
             return arr.astype(np.float32), np.diag([sr, sc, 1.0, 1.0]), (sr, sc)
         img = _read_volume(str(path))
         arr = img.array
+        if len(self.spatial_size) == 3:
+            if arr.ndim != 3:
+                raise DataError(f"{path}: expected a 3D volume for a three-entry spatial_size, got shape {arr.shape}")
+            affine = img.affine if img.affine is not None else np.eye(4)
+            return arr.astype(np.float32), affine, tuple(float(v) for v in img.spacing[:3])
+        if entry["layout"] in LAYOUTS_3D_ONLY or int(entry.get("slice", -1)) < 0 and entry["layout"] == "acdc":
+            raise DataError(f"{path}: pair {entry.get('name')} is a whole volume; use a three-entry spatial_size")
         if entry["layout"] == "acdc" and arr.ndim == 3:
             z = int(entry["slice"])
             if not 0 <= z < arr.shape[2]:
@@ -332,13 +408,21 @@ class LoadRegistrationPaird(Transform):
         tgt_lab, _, _ = self._read(e, "target_label")
         arrays = {"source": src, "target": tgt, "source_label": (np.rint(src_lab) == myo).astype(np.float32),
                   "target_label": (np.rint(tgt_lab) == myo).astype(np.float32)}
-        if layout == "pairs" and e.get("lost"):
+        if layout in ("pairs", "volumes") and e.get("lost"):
             arrays["lost"] = (read_image(e["lost"]).array > 0).astype(np.float32)
         shapes = {k: v.shape for k, v in arrays.items()}
         if len(set(shapes.values())) != 1:
             raise DataError(f"pair {e['name']}: source/target/labels differ in shape {shapes}")
         size = self.spatial_size
-        if layout == "acdc":
+        original = {}
+        if len(size) == 3:
+            scale = tuple(n / s for n, s in zip(src.shape, size))
+            out = {k: resize_nd(v, size, mask=k not in ("source", "target")) for k, v in arrays.items()}
+            original = {"original_shape": np.asarray(src.shape), "original_affine": np.asarray(affine, np.float64),
+                        "original_spacing": np.asarray(spacing, dtype=np.float64)}
+            affine = _shift_affine(affine, tuple((f - 1) / 2 for f in scale), scale)
+            spacing = tuple(sp * f for sp, f in zip(spacing, scale))
+        elif layout == "acdc":
             ys, xs = np.nonzero(arrays["source_label"])
             if ys.size == 0:
                 raise DataError(f"{e['source_label']}: slice {e['slice']} has no myocardium to centre the crop on")
@@ -355,7 +439,7 @@ class LoadRegistrationPaird(Transform):
             spacing = tuple(sp * f for sp, f in zip(spacing, scale))
         image = np.stack([min_max_normalise(out["source"], e["source"]), min_max_normalise(out["target"], e["target"])])
         meta = {"filename_or_obj": e["name"], "spacing": np.asarray(spacing, dtype=np.float64),
-                "original_channel_dim": 0}
+                "original_channel_dim": 0, **original}
         result = {k: v for k, v in e.items() if k not in ("lost",)}
         result["image"] = MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine), meta=meta)
         result["label"] = torch.from_numpy(np.stack([out["source_label"], out["target_label"]]))

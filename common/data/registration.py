@@ -1,6 +1,9 @@
-"""Reader for the registration-pair layout (``pairs/pairNNNN_{source,target,source_myo,target_myo,disp,lost}``).
+"""Readers for the registration-pair layout (``pairs/pairNNNN_{source,target,source_myo,target_myo,disp,lost}``) and
+the 3D volume-pair layout of real 3D echo datasets (one folder per case: ``<case>_ED.nii.gz``, ``<case>_ES.nii.gz``,
+``<case>_ED_gt.nii.gz``, ``<case>_ES_gt.nii.gz``, optionally ``<case>_lost.nii.gz`` and ``<case>_ED2ES_disp.nii.gz``).
 
-See :mod:`common.data.synthetic.registration` for what each file holds. Displacements are stored channel-last
+See :mod:`common.data.synthetic.registration` and :mod:`common.data.synthetic.registration3d` for what each file
+holds. Displacements are stored channel-last
 (``(X, Y, 2)`` or ``(X, Y, Z, 3)``, voxels, pull-back ``target(x) = source(x + d(x))``); :func:`read_displacement`
 returns them channel-first, the layout MONAI's ``Warp`` takes as ``ddf``.
 """
@@ -17,9 +20,14 @@ from common.data.acdc import nifti_header, select_split
 from common.data.cases import FailureRecorder, build_cases
 from common.data.io import DataError, read_image
 
-__all__ = ["PAIR_KEYS", "read_displacement", "find_registration_pairs", "registration_pairs_datalist"]
+__all__ = ["PAIR_KEYS", "VOLUME_KEYS", "read_displacement", "find_registration_pairs", "registration_pairs_datalist",
+           "find_volume_cases", "volume_pairs_datalist"]
 
 PAIR_KEYS = ("source", "target", "source_myo", "target_myo", "disp", "lost")
+# datalist key -> file suffix of the 3D volume-pair layout; the last two are optional (synthetic data has them)
+VOLUME_KEYS = {"source": "ED", "target": "ES", "source_label": "ED_gt", "target_label": "ES_gt", "lost": "lost",
+               "disp": "ED2ES_disp"}
+_VOLUME_OPTIONAL = ("lost", "disp")
 _SRC = re.compile(r"^(?P<name>pair\d+)_source\.nii(\.gz)?$")
 
 
@@ -91,3 +99,47 @@ def registration_pairs_datalist(root: str | Path, split: str | None = None,
         return {**{k: str(v) for k, v in files.items()}, "pair": name, "spacing": [float(v) for v in spacing[:2]]}
 
     return build_cases([p for p in pairs if p[0] in keep], build, lambda p: p[1]["source"], ledger, root)
+
+
+def find_volume_cases(root: str | Path) -> list[tuple[str, dict[str, Path]]]:
+    """``(case, {key: path})`` of every case folder under ``root`` holding a ``<case>_ED.nii[.gz]`` file, sorted by
+    name; the other files of :data:`VOLUME_KEYS` are named (``.nii.gz`` or ``.nii`` like the ED file), not checked."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: 3D volume-pair folder not found")
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        for ext in (".nii.gz", ".nii"):
+            if (d / f"{d.name}_ED{ext}").is_file():
+                out.append((d.name, {k: d / f"{d.name}_{v}{ext}" for k, v in VOLUME_KEYS.items()}))
+                break
+    if not out:
+        raise DataError(f"{root}: no 3D volume pairs (caseNNN/caseNNN_ED.nii.gz with _ES, _ED_gt, _ES_gt)")
+    return out
+
+
+def volume_pairs_datalist(root: str | Path, split: str | None = None, fractions: Sequence[float] = (0.6, 0.2, 0.2),
+                          seed: int = 0, ledger: FailureRecorder | None = None) -> list[dict]:
+    """MONAI datalist ``[{case, source, target, source_label, target_label[, lost, disp], spacing}]`` split by case.
+
+    Every case is its own patient (split by folder name before any file is read). The four ED/ES image and label
+    files are required and must share one 3D shape (header only); ``lost``/``disp`` are listed when present. With
+    ``ledger`` (evaluation) a case of the subset with a missing or malformed file is recorded there and left out.
+    """
+    cases = find_volume_cases(root)
+    keep = {e["case"] for e in select_split([{"case": n} for n, _ in cases], split, fractions, seed, key="case")}
+
+    def build(case: tuple[str, dict[str, Path]]) -> dict:
+        name, files = case
+        present = {k: f for k, f in files.items() if k not in _VOLUME_OPTIONAL or f.is_file()}
+        _check_complete(name, present)
+        shape, spacing = nifti_header(present["source"])
+        if len(shape) != 3:
+            raise DataError(f"{present['source']}: expected a 3D volume (X, Y, Z), got shape {shape}")
+        for f in present.values():
+            s, _ = nifti_header(f)
+            if s[:3] != shape:
+                raise DataError(f"{f}: shape {s} does not match {present['source'].name} shape {shape}")
+        return {**{k: str(v) for k, v in present.items()}, "case": name, "spacing": [float(v) for v in spacing[:3]]}
+
+    return build_cases([c for c in cases if c[0] in keep], build, lambda c: c[1]["source"], ledger, root)

@@ -41,9 +41,14 @@ metrics JSON and a PNG (source, target, warped source with contours, score map `
 :class:`RegistrationInferenceWriter` writes, per pair, the warped source, the displacement field and the warped
 source mask as NIfTI on the input grid.
 
-Presets (:func:`adacs_preset`): the authors' per-architecture/dataset hyper-parameters from ``METHODS.md``; a
-DiffuseMorph estimator (a later issue) adds one row per dataset and one entry of
-:data:`common.networks.registration.ESTIMATORS`.
+Presets (:func:`adacs_preset`): the authors' per-architecture/dataset hyper-parameters from ``METHODS.md`` for
+VoxelMorph, TransMorph and DiffuseMorph.
+
+DiffuseMorph (:class:`~common.networks.diffusemorph.DiffuseMorph`, ``has_training_loss``): in training mode its
+forward noises the target at a random diffusion step, and every optimisation step of ``f`` (AdaCS displacement step
+and every baseline) adds ``diffusion_weight · mean (ε̂ - ε)²`` of that same forward to the method's loss
+(:mod:`common.losses.diffusemorph`; 0.05 = the AdaCS authors' ``1 / λ_L``); scoring steps use the training-mode
+forward too (``⌊û⌋``), as the authors' code.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ __all__ = [
     "LastEpochModelSaver",
     "MODEL_SELECTIONS",
     "PRESETS",
+    "WARMUP_EPOCHS",
     "REGISTRATION_METRICS",
     "SCORE_COLUMNS",
     "AdaCSTrainer",
@@ -135,23 +141,35 @@ PRESETS: dict[tuple[str, str], dict[str, float | int]] = {
     ("voxelmorph", "camus"): {"alpha": 0.04, "beta": 1.5, "lam": 0.01, "lr": 1e-4, "warmup_epochs": 20},
     ("transmorph", "acdc"): {"alpha": 0.01, "beta": 0.6, "lam": 0.01, "lr": 1e-4, "warmup_epochs": 20},
     ("transmorph", "camus"): {"alpha": 0.03, "beta": 5.0, "lam": 0.03, "lr": 1e-4, "warmup_epochs": 20},
+    # DiffuseMorph: α, β of METHODS.md; λ = γ / λ_L = 1 / 20 and lr 2e-5 of the authors' scripts and 2D config
+    ("diffusemorph", "acdc"): {"alpha": 0.1, "beta": 5.0, "lam": 0.05, "lr": 2e-5, "warmup_epochs": 20},
+    ("diffusemorph", "camus"): {"alpha": 0.5, "beta": 0.1, "lam": 0.05, "lr": 2e-5, "warmup_epochs": 20},
 }
-# the repository's synthetic registration pairs mix MRI and echo; they use the ACDC (MRI) row
-DATASET_ALIASES = {"pairs": "acdc"}
+# the repository's synthetic registration pairs mix MRI and echo; they use the ACDC (MRI) row. The 3D volume-pair
+# layout is 3D echo, whose hyper-parameters the paper does not give: it uses the CAMUS (echo) row
+DATASET_ALIASES = {"pairs": "acdc", "volumes": "camus"}
+# W of Algorithm 1 per spatial dimension (METHODS.md §3: 20 epochs, 10 for 3D)
+WARMUP_EPOCHS = {2: 20, 3: 10}
 
 
-def adacs_preset(architecture: str, dataset: str) -> dict[str, float | int]:
+def adacs_preset(architecture: str, dataset: str, spatial_dims: int = 2) -> dict[str, float | int]:
     """Hyper-parameters ``{alpha, beta, lam, lr, warmup_epochs}`` for an architecture and a dataset layout.
 
-    ``dataset`` is ``"acdc"``, ``"camus"`` or ``"pairs"`` (uses the ACDC row). A copy is returned.
+    ``dataset`` is ``"acdc"``, ``"camus"``, ``"pairs"`` (uses the ACDC row) or ``"volumes"`` (3D echo: the CAMUS
+    row). ``spatial_dims`` sets the warm-up ``W`` (:data:`WARMUP_EPOCHS`: 20 in 2D, 10 in 3D). A copy is returned.
     """
+    if spatial_dims not in WARMUP_EPOCHS:
+        raise ValueError(f"spatial_dims must be one of {sorted(WARMUP_EPOCHS)}, got {spatial_dims!r}")
     arch, ds = str(architecture).lower(), str(dataset).lower()
     ds = DATASET_ALIASES.get(ds, ds)
     if (arch, ds) not in PRESETS:
         known = sorted({a for a, _ in PRESETS}), sorted({d for _, d in PRESETS} | set(DATASET_ALIASES))
         raise ValueError(f"no AdaCS preset for architecture {architecture!r} and dataset {dataset!r}; "
                          f"architectures {known[0]}, datasets {known[1]}")
-    return dict(PRESETS[(arch, ds)])
+    out = dict(PRESETS[(arch, ds)])
+    if int(spatial_dims) == 3:  # the rows hold the authors' 2D scripts' W
+        out["warmup_epochs"] = WARMUP_EPOCHS[3]
+    return out
 
 
 def build_auxiliary_net(method: str, spatial_dims: int = 2, enc_channels: Sequence[int] = (16, 32, 32, 32),
@@ -227,6 +245,8 @@ class AdaCSTrainer(Trainer):
         bidir: also register target -> source with the inverse field and average the two directions' losses (see the
             module docstring); evaluation and inference stay source -> target.
         adareg_c, adaframe_a0, adaframe_b0, beta_nll: baseline constants (see :mod:`common.losses.adacs`).
+        diffusion_weight: weight ``η`` of an estimator's own training loss (DiffuseMorph's denoising loss, see
+            :mod:`common.losses.diffusemorph`) in every step of ``f``; unused by the other estimators.
         inferer: runs ``network`` on ``image`` (``SimpleInferer`` by default).
         epoch_length, non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
         additional_metrics, metric_cmp_fn, train_handlers, event_names, event_to_attr, decollate, to_kwargs:
@@ -261,6 +281,7 @@ class AdaCSTrainer(Trainer):
         adaframe_a0: float = 0.1,
         adaframe_b0: float = 10.0,
         beta_nll: float = 0.5,
+        diffusion_weight: float = 0.05,
         inferer: Inferer | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
@@ -301,8 +322,9 @@ class AdaCSTrainer(Trainer):
         if regularization == "velocity" and not getattr(inner.estimator, "has_velocity", False):
             raise ValueError(f"regularization='velocity' needs an estimator that integrates a velocity field "
                              f"(VoxelMorph); {type(inner.estimator).__name__} predicts the displacement directly")
-        if min(lam, alpha, beta) < 0:
-            raise ValueError(f"lam, alpha and beta must be >= 0, got {lam}, {alpha}, {beta}")
+        if min(lam, alpha, beta, diffusion_weight) < 0:
+            raise ValueError(f"lam, alpha, beta and diffusion_weight must be >= 0, got {lam}, {alpha}, {beta}, "
+                             f"{diffusion_weight}")
         if method == "adacs" and max_epochs <= 2 * warmup_epochs:
             warnings.warn(f"max_epochs={max_epochs} <= 2 * warmup_epochs={2 * warmup_epochs}: AdaCS never reaches "
                           "the alternating phase", stacklevel=2)
@@ -340,6 +362,7 @@ class AdaCSTrainer(Trainer):
         self.velocity_mult = 2.0 if getattr(inner.estimator, "half_res", False) else 1.0
         self.adareg_c, self.adaframe_a0, self.adaframe_b0 = float(adareg_c), float(adaframe_a0), float(adaframe_b0)
         self.beta_nll = float(beta_nll)
+        self.diffusion_weight = float(diffusion_weight)
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.logger.info(
             f"AdaCSTrainer: method={method} lam={lam} alpha={alpha} beta={beta} warmup_epochs={warmup_epochs} "
@@ -361,29 +384,35 @@ class AdaCSTrainer(Trainer):
     def _estimator(self):
         return unwrap(self.network).estimator
 
-    def _forward_f(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """``(source, target, displacement, warped, velocity)``; ``velocity`` only when the velocity regulariser or
-        the bidirectional inverse of a velocity estimator needs it."""
+    def _forward_f(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | float]:
+        """``(source, target, displacement, warped, velocity, own_term)``; ``velocity`` only when the velocity
+        regulariser or the bidirectional inverse of a velocity estimator needs it; ``own_term`` =
+        ``diffusion_weight ·`` the estimator's own training loss from the same forward (DiffuseMorph), else 0."""
         source, target = image[:, 0:1], image[:, 1:2]
-        velocity = None
-        if self.regularization == "velocity" or (self.bidir and getattr(self._estimator(), "has_velocity", False)):
+        velocity, own_term = None, 0.0
+        if getattr(self._estimator(), "has_training_loss", False):
+            # the denoising loss must come from the forward that produced û (same t and noise)
+            displacement, own_loss = self.inferer(image, self.network, return_training_loss=True)
+            own_term = self.diffusion_weight * own_loss
+        elif self.regularization == "velocity" or (self.bidir and getattr(self._estimator(), "has_velocity", False)):
             displacement, velocity = self.inferer(image, self.network, return_velocity=True)
         else:
             displacement = self.inferer(image, self.network)
         warped = self._estimator().warp(source, displacement, "bilinear")
-        return source, target, displacement, warped, velocity
+        return source, target, displacement, warped, velocity, own_term
 
-    def _directions(self, image: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
-        """One forward of ``f``; per direction ``(fixed, warped moving, displacement, velocity)``: source -> target,
-        and with ``bidir`` target -> source on the inverse field (``-v`` for a velocity, whose ``R`` is the same)."""
-        source, target, displacement, warped, velocity = self._forward_f(image)
+    def _directions(self, image: Tensor) -> tuple[list[tuple[Tensor, Tensor, Tensor, Tensor | None]], Tensor | float]:
+        """One forward of ``f``: per direction ``(fixed, warped moving, displacement, velocity)`` — source -> target,
+        and with ``bidir`` target -> source on the inverse field (``-v`` for a velocity, whose ``R`` is the same) — and
+        the estimator's own weighted training term (0 for VoxelMorph/TransMorph), added once per step of ``f``."""
+        source, target, displacement, warped, velocity, own_term = self._forward_f(image)
         out = [(target, warped, displacement, velocity)]
         if self.bidir:
             est = self._estimator()
             inverse = est.inverse_displacement(displacement, velocity)
             out.append((source, est.warp(target, inverse, "bilinear"), inverse,
                         None if velocity is None else -velocity))
-        return out
+        return out, own_term
 
     def _auxiliary(self, *inputs: list[Tensor]) -> list[Tensor]:
         """The auxiliary net on every direction's inputs in ONE forward (one DDP forward per step), split back."""
@@ -410,7 +439,7 @@ class AdaCSTrainer(Trainer):
         """Eq. 2 (``Ŝ ≡ 1`` during warm-up); updates ``m_T`` with this step's ``μ_T``. Returns (loss, mean Ŝ)."""
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        dirs = self._directions(image)
+        dirs, own_term = self._directions(image)
         if use_score:
             with torch.no_grad():  # ⌊Ŝ⌋: g is only evaluated here
                 scores = self._auxiliary([d[0] for d in dirs])
@@ -424,7 +453,7 @@ class AdaCSTrainer(Trainer):
                 mus.append((score * (target - warped).detach().pow(2)).mean())
             else:
                 mus.append(residual_energy(target, warped))
-        loss = torch.stack(losses).mean()
+        loss = torch.stack(losses).mean() + own_term
         loss.backward()
         self.optimizer.step()
         self.momentum.update(_global_mean(torch.stack(mus).mean()), epoch)
@@ -435,7 +464,7 @@ class AdaCSTrainer(Trainer):
         self.auxiliary_network.train()
         self.auxiliary_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            dirs = self._directions(image)
+            dirs, _ = self._directions(image)
         scores = self._auxiliary([d[0] for d in dirs])
         loss = torch.stack([scoring_step_loss(target, warped, score, self.alpha, self.beta, self.momentum.value)
                             for (target, warped, _, _), score in zip(dirs, scores)]).mean()
@@ -449,7 +478,7 @@ class AdaCSTrainer(Trainer):
         if self.auxiliary_optimizer is not None:
             self.auxiliary_network.train()
             self.auxiliary_optimizer.zero_grad(set_to_none=True)
-        dirs = self._directions(image)
+        dirs, own_term = self._directions(image)
         lam = self._lam_displacement
         log_vars = self._auxiliary([d[0] for d in dirs], [d[1] for d in dirs]) if self.method in ("nll", "beta_nll") \
             else [None] * len(dirs)
@@ -468,7 +497,7 @@ class AdaCSTrainer(Trainer):
             weight = adareg_weight(target, warped, self.adareg_c) if self.method == "adareg" and velocity is not None \
                 else None
             losses.append(loss + self._velocity_term(velocity, weight))
-        loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+        loss = (torch.stack(losses).mean() if len(losses) > 1 else losses[0]) + own_term
         loss.backward()
         self.optimizer.step()
         if self.auxiliary_optimizer is not None:
@@ -628,17 +657,21 @@ def _plain(t: Any) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------- inference
 def displacement_on_grid(displacement: Tensor, shape: Sequence[int]) -> Tensor:
-    """The network's displacement ``(2, h, w)`` (pixels of its grid) on an input grid ``shape`` ``(H, W)``:
-    ``(1, 2, H, W)`` in pixels of that grid (bilinear, ``align_corners=False`` like the input resize, scaled by
-    ``H / h``, ``W / w``). Used by :class:`RegistrationInferenceWriter` and the PACS path so both report the same."""
+    """The network's displacement ``(n, *net)`` (pixels of its grid, ``n`` = 2 or 3 spatial dims) on an input grid
+    ``shape``: ``(1, n, *shape)`` in pixels of that grid (bi/trilinear, ``align_corners=False`` like the input
+    resize, channel ``k`` scaled by ``shape[k] / net[k]``). Used by :class:`RegistrationInferenceWriter`, the 3D
+    evaluation and the PACS path so all report the same."""
     import torch.nn.functional as F
 
     ddf = displacement.detach().float().cpu()[None]
-    h0, w0 = (int(s) for s in shape)
-    h, w = ddf.shape[2:]
-    if (h, w) != (h0, w0):
-        ddf = F.interpolate(ddf, size=(h0, w0), mode="bilinear", align_corners=False)
-        ddf = ddf * torch.tensor([h0 / h, w0 / w]).view(1, 2, 1, 1)
+    n = ddf.shape[1]
+    target = tuple(int(s) for s in shape)
+    if len(target) != n or ddf.ndim != n + 2:
+        raise ValueError(f"displacement {tuple(displacement.shape)} does not fit a {len(target)}D grid {target}")
+    net = tuple(ddf.shape[2:])
+    if net != target:
+        ddf = F.interpolate(ddf, size=target, mode="bilinear" if n == 2 else "trilinear", align_corners=False)
+        ddf = ddf * torch.tensor([t / s for t, s in zip(target, net)]).view(1, n, *([1] * n))
     return ddf
 
 

@@ -2,6 +2,12 @@
 
 Split from :mod:`common.engines.registration` (training and inference), which re-exports these names, so configs
 keep naming ``common.engines.registration.RegistrationMetric`` etc.
+
+2D and 3D alike: every score works on ``(n, *spatial)`` displacements (``n`` = 2 or 3). 3D pairs are also scored on
+the **input grid** (:func:`score_on_input_grid`, the AdaCS supplementary's 3D protocol: the displacement is resized
+and rescaled to the original volume, the source labels read from their files are warped with it, and Dice, HD, HD95
+and ASD are measured in mm from the files' spacing); the warped label map and the displacement are written there as
+NIfTI with the input's affine. 3D figures show the middle slice along the last axis.
 """
 
 from __future__ import annotations
@@ -28,8 +34,12 @@ from common.metrics.registration import (
 )
 from common.networks.scoring import ScoringNet
 
-__all__ = ["RegistrationMetric", "RegistrationMetricsd", "RegistrationReport", "plot_registration_examples",
-           "score_pair"]
+__all__ = ["INPUT_GRID_COLUMNS", "RegistrationMetric", "RegistrationMetricsd", "RegistrationReport",
+           "plot_registration_examples", "score_on_input_grid", "score_pair"]
+
+# columns of score_on_input_grid (3D): HD/ASD in mm of the input files
+INPUT_GRID_COLUMNS = ("dice_input", "hd_input_mm", "hd95_input_mm", "asd_input_mm", "dice_identity_input",
+                      "hd_identity_input_mm", "asd_identity_input_mm", "nonpositive_jacobian_percent_input")
 
 # ------------------------------------------------------------------------------------------------------ metrics
 def _quiet(fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -51,8 +61,8 @@ def score_pair(displacement: Tensor, masks: Tensor, metrics: Sequence[str] = SCO
     """Registration scores of one pair.
 
     Args:
-        displacement: ``(2, H, W)`` pixels.
-        masks: ``(2, H, W)`` binary myocardium of source (channel 0) and target (channel 1).
+        displacement: ``(n, *spatial)`` pixels (``n`` = 2 or 3 spatial dims).
+        masks: ``(2, *spatial)`` binary myocardium of source (channel 0) and target (channel 1).
         metrics: the :data:`SCORE_COLUMNS` wanted; ``*_identity`` score the unregistered pair, ``*_mm`` use
             ``spacing``. Only what is asked is computed (the folding % alone costs a batched determinant).
         spacing: pixel size for the ``*_mm`` columns.
@@ -87,6 +97,71 @@ def score_pair(displacement: Tensor, masks: Tensor, metrics: Sequence[str] = SCO
     return {m: out[m] for m in metrics}, warped[0]
 
 
+def score_on_input_grid(item: dict, displacement: Tensor, mask_binarization: str = "argmax",
+                        prediction_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score one pair on the grid of its input files and optionally write the predictions there.
+
+    The network's displacement is resized and rescaled onto the source file's grid
+    (:func:`common.engines.registration.displacement_on_grid`); the source myocardium read from
+    ``item["source_label"]`` is warped with it (``mask_binarization`` as in :func:`score_pair`) and compared with the
+    target myocardium of ``item["target_label"]``; HD/HD95/ASD are in mm from the target file's spacing.
+
+    Args:
+        item: a datalist entry with ``name``, ``layout``, ``source_label``, ``target_label`` (file paths).
+        displacement: ``(n, *net)`` network displacement in pixels of the network grid.
+        mask_binarization: ``"argmax"`` or ``"any"``.
+        prediction_dir: when given, ``<name>_warped_label.nii.gz`` (the whole source label map warped, uint8, on the
+            target file's grid and header) and ``<name>_disp.nii.gz`` (``(*input, n)`` float32 voxels of the input
+            grid, channel ``k`` along array axis ``k``, pull-back) are written there with the target's affine.
+
+    Returns:
+        ``{column: value}`` for :data:`INPUT_GRID_COLUMNS`, plus ``warped_label_file``/``displacement_file`` paths
+        when written.
+    """
+    from common.data.io import DataError, read_image, write_nifti
+    from common.data.loading import write_like
+    from common.data.pairs import MYO_LABELS
+    from common.engines.registration import displacement_on_grid
+
+    for key in ("source_label", "target_label"):
+        if not item.get(key):
+            raise ValueError(f"pair {item.get('name')}: scoring on the input grid needs its {key} file")
+    src, tgt = read_image(item["source_label"]), read_image(item["target_label"])
+    if src.array.shape != tgt.array.shape:
+        raise DataError(f"{item['source_label']}: shape {src.array.shape} differs from {item['target_label']} "
+                        f"{tgt.array.shape}")
+    n = int(displacement.shape[0])
+    if src.array.ndim != n:
+        raise DataError(f"{item['source_label']}: a {src.array.ndim}D label map for a {n}D displacement")
+    ddf = displacement_on_grid(displacement, src.array.shape)
+    myo = MYO_LABELS[str(item.get("layout", "volumes"))]
+    lab_s = torch.from_numpy(np.rint(src.array).astype(np.int64))[None, None]
+    lab_t = torch.from_numpy(np.rint(tgt.array).astype(np.int64))[None, None]
+    src_myo, tgt_myo = (lab_s == myo).long(), (lab_t == myo).long()
+    mode = MASK_BINARIZATIONS[_check_binarization(mask_binarization)]
+    warped = warp_mask(src_myo, ddf, mode=mode, num_labels=2)
+    spacing = [float(v) for v in tgt.spacing[:n]]
+    res = _quiet(mask_overlap_metrics, warped, tgt_myo, label=1, spacing=spacing)
+    ident = _quiet(mask_overlap_metrics, src_myo, tgt_myo, label=1, spacing=spacing)
+    out: dict[str, Any] = {
+        "dice_input": float(res["dice"][0]), "hd_input_mm": float(res["hd"][0]),
+        "hd95_input_mm": float(res["hd95"][0]), "asd_input_mm": float(res["asd"][0]),
+        "dice_identity_input": float(ident["dice"][0]), "hd_identity_input_mm": float(ident["hd"][0]),
+        "asd_identity_input_mm": float(ident["asd"][0]),
+        "nonpositive_jacobian_percent_input": float(nonpositive_jacobian_percent(ddf)[0]),
+    }
+    if prediction_dir is not None:
+        folder = Path(prediction_dir)
+        name = str(item.get("name", Path(str(item["source_label"])).name))
+        n_labels = int(max(int(lab_s.max()), int(lab_t.max()))) + 1
+        full = warp_mask(lab_s, ddf, mode=mode, num_labels=n_labels)[0, 0].numpy().astype(np.uint8)
+        out["warped_label_file"] = str(write_like(folder / f"{name}_warped_label.nii.gz", full,
+                                                  reference=item["target_label"]))
+        out["displacement_file"] = str(write_nifti(folder / f"{name}_disp.nii.gz",
+                                                   np.ascontiguousarray(ddf[0].movedim(0, -1).numpy()), tgt.affine))
+    return out
+
+
 class RegistrationMetricsd(Transform):
     """Evaluator postprocessing: score each decollated output once, for every metric handler and the report.
 
@@ -113,7 +188,8 @@ class RegistrationMetricsd(Transform):
         if any(m.endswith("_mm") for m in self.metrics):
             meta = getattr(d.get("image"), "meta", {}) or {}
             spacing = meta.get("spacing")
-            spacing = None if spacing is None else [float(v) for v in _plain(spacing).reshape(-1)[:2]]
+            n = _plain(d["pred"]).shape[0]
+            spacing = None if spacing is None else [float(v) for v in _plain(spacing).reshape(-1)[:n]]
         values, warped = score_pair(_plain(d["pred"]), _plain(d["label"]), self.metrics, spacing,
                                     self.mask_binarization)
         d["scores"] = torch.tensor([values[m] for m in self.metrics], dtype=torch.float64)
@@ -277,11 +353,18 @@ class RegistrationReport:
         png_name: PNG file name.
         mask_binarization: ``"argmax"`` or ``"any"`` (see :func:`score_pair`), for pairs scored here; it is
             recorded in the summary (``mask_binarization``) and must match :class:`RegistrationMetricsd`'s.
+        input_grid: also score every pair on the grid of its input label files (:func:`score_on_input_grid`,
+            columns :data:`INPUT_GRID_COLUMNS`, summary ``table1_input_grid``); ``None`` (default) = for 3D pairs.
+        save_predictions: with ``input_grid``, write each pair's warped label map and displacement (NIfTI, input
+            affine) under ``<output_dir>/predictions``.
     """
 
     def __init__(self, output_dir: str, auxiliary_network: nn.Module | None = None,
                  auxiliary_checkpoint: str | None = None, n_png: int = 4, png_name: str = "registration.png",
-                 mask_binarization: str = "argmax") -> None:
+                 mask_binarization: str = "argmax", input_grid: bool | None = None,
+                 save_predictions: bool = True) -> None:
+        self.input_grid = None if input_grid is None else bool(input_grid)
+        self.save_predictions = bool(save_predictions)
         self.mask_binarization = _check_binarization(mask_binarization)
         self.output_dir = Path(output_dir)
         self.auxiliary_network = auxiliary_network
@@ -345,9 +428,12 @@ class RegistrationReport:
             else:  # not scored by RegistrationMetricsd(all columns): score here
                 spacing = item.get("spacing")
                 cols = SCORE_COLUMNS if spacing is not None else SCORE_COLUMNS[:-2]
-                sp = None if spacing is None else _plain(spacing).reshape(-1)[:2].tolist()
+                sp = None if spacing is None else _plain(spacing).reshape(-1)[:ddf.shape[1]].tolist()
                 values, warped = score_pair(ddf[0], masks[0], cols, sp, self.mask_binarization)
             row.update(values)
+            if self.input_grid or (self.input_grid is None and ddf.ndim == 5):
+                row.update(score_on_input_grid(item, ddf[0], self.mask_binarization,
+                                               self.output_dir / "predictions" if self.save_predictions else None))
             warped = _plain(warped)[0]
             image = _plain(out["image"]).detach().float()
             score, score_label = None, "no score map (method has no scoring net)"
@@ -372,14 +458,17 @@ class RegistrationReport:
             self.rows.append(row)
             if len(self.figure_rows) < self.n_png:
                 warped_source = _warp_image(image[0:1][None].cpu(), ddf.cpu())[0, 0]
+                # 3D: the middle slice along the last axis, and the in-plane displacement components
+                cut = (lambda a: a[..., a.shape[-1] // 2]) if ddf.ndim == 5 else (lambda a: a)
                 self.figure_rows.append({
-                    "name": row["pair"], "source": image[0].cpu().numpy(), "target": image[1].cpu().numpy(),
-                    "warped": warped_source.numpy(), "displacement": ddf[0].cpu().numpy(),
-                    "source_mask": masks[0, 0].cpu().numpy(), "target_mask": masks[0, 1].cpu().numpy(),
-                    "warped_mask": warped.cpu().numpy(), "score": None if score is None else score.numpy(),
-                    "score_label": score_label, "lost": None if lost is None else lost.numpy(),
+                    "name": row["pair"] + (" (mid slice)" if ddf.ndim == 5 else ""),
+                    "source": cut(image[0].cpu().numpy()), "target": cut(image[1].cpu().numpy()),
+                    "warped": cut(warped_source.numpy()), "displacement": cut(ddf[0, :2].cpu().numpy()),
+                    "source_mask": cut(masks[0, 0].cpu().numpy()), "target_mask": cut(masks[0, 1].cpu().numpy()),
+                    "warped_mask": cut(warped.cpu().numpy()), "score": None if score is None else cut(score.numpy()),
+                    "score_label": score_label, "lost": None if lost is None else cut(lost.numpy()),
                     "dice": row["dice"], "dice_identity": row["dice_identity"],
-                    "transpose": str(item.get("layout", "")) in ("acdc", "pairs"),
+                    "transpose": str(item.get("layout", "")) in ("acdc", "pairs", "volumes"),
                 })
 
     def _gather(self) -> list[dict]:
@@ -415,7 +504,7 @@ class RegistrationReport:
                                "mask_binarization": self.mask_binarization,
                                "png": str(self.png_path) if self.png_path else None}
         stats = {}
-        keys = [k for k in (self.rows[0] if self.rows else {}) if k != "pair"]
+        keys = [k for k, v in (self.rows[0] if self.rows else {}).items() if k != "pair" and not isinstance(v, str)]
         for k in keys:
             vals = np.asarray([r.get(k, np.nan) for r in self.rows], dtype=np.float64)
             fin = vals[np.isfinite(vals)]
@@ -431,6 +520,13 @@ class RegistrationReport:
         out["table1"] = {"DSC": mean("dice", 100.0), "HD": mean("hd"), "ASD": mean("asd"),
                          "nonpositive_jacobian_percent": mean("nonpositive_jacobian_percent"),
                          "DSC_identity": mean("dice_identity", 100.0)}
+        if "dice_input" in stats:  # 3D: on the input files' grid, HD/ASD in mm (the supplementary's Table 4)
+            out["table1_input_grid"] = {"DSC": mean("dice_input", 100.0), "HD_mm": mean("hd_input_mm"),
+                                        "ASD_mm": mean("asd_input_mm"),
+                                        "nonpositive_jacobian_percent": mean("nonpositive_jacobian_percent_input"),
+                                        "DSC_identity": mean("dice_identity_input", 100.0),
+                                        "HD_identity_mm": mean("hd_identity_input_mm"),
+                                        "ASD_identity_mm": mean("asd_identity_input_mm")}
         if "score_in_lost" in stats:
             out["score_map"] = {"mean_in_lost": mean("score_in_lost"), "mean_outside_lost": mean("score_outside_lost")}
         return out

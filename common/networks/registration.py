@@ -20,8 +20,8 @@ accepted stacked as ``image = (B, 2, *spatial)`` (channel 0 source, channel 1 ta
 :meth:`DisplacementEstimator.forward_stacked` and the wrapper :class:`StackedPairAdapter` return the displacement
 only; the adapter holds nothing but the estimator, so an exported inference model carries no scoring parameters.
 
-Estimators are built by name with :func:`build_displacement_estimator` (``"voxelmorph"``, ``"transmorph"``; a later
-DiffuseMorph estimator is one more row of :data:`ESTIMATORS`).
+Estimators are built by name with :func:`build_displacement_estimator` (``"voxelmorph"``, ``"transmorph"``,
+``"diffusemorph"``: rows of :data:`ESTIMATORS`).
 
 VoxelMorph (:class:`VoxelMorphEstimator`) wraps MONAI 1.6.1's ``VoxelMorph`` (``VoxelMorphUNet`` backbone,
 ``DVF2DDF`` scaling-and-squaring with 7 steps, ``Warp``). The backbone channels are given in the VoxelMorph paper's
@@ -196,16 +196,28 @@ class DisplacementEstimator(nn.Module):
             "use the displacement regulariser (regularization='displacement') or a VoxelMorph estimator"
         )
 
-    def forward_stacked(self, image: Tensor, return_velocity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    #: ``True`` when the estimator's training objective has a term of its own (DiffuseMorph's denoising loss),
+    #: returned by :meth:`predict_displacement_and_training_loss` from the same forward as the displacement
+    has_training_loss: bool = False
+
+    def predict_displacement_and_training_loss(self, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(displacement, the estimator's own training loss)``; only estimators with such a term have it."""
+        raise ValueError(f"{type(self).__name__} has no training loss of its own (has_training_loss is False)")
+
+    def forward_stacked(self, image: Tensor, return_velocity: bool = False,
+                        return_training_loss: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Displacement for a stacked pair ``image = (B, 2, *spatial)`` (channel 0 source, channel 1 target).
 
         Args:
             image: the stacked pair.
             return_velocity: also return the velocity field that was integrated
                 (:meth:`predict_displacement_and_velocity`; training with the authors' regulariser).
+            return_training_loss: also return the estimator's own training loss
+                (:meth:`predict_displacement_and_training_loss`; DiffuseMorph's denoising loss).
 
         Returns:
-            ``(B, spatial_dims, *spatial)`` displacement in pixels, or ``(displacement, velocity)``.
+            ``(B, spatial_dims, *spatial)`` displacement in pixels, ``(displacement, velocity)`` or
+            ``(displacement, training loss)``.
         """
         if image.ndim != self.spatial_dims + 2 or image.shape[1] != 2:
             raise ValueError(
@@ -214,8 +226,12 @@ class DisplacementEstimator(nn.Module):
             )
         source, target = image[:, 0:1], image[:, 1:2]
         self.check_pair(source, target)
+        if return_velocity and return_training_loss:
+            raise ValueError("return_velocity and return_training_loss cannot be combined")
         if return_velocity:
             return self.predict_displacement_and_velocity(source, target)
+        if return_training_loss:
+            return self.predict_displacement_and_training_loss(source, target)
         return self.predict_displacement(source, target)  # inference needs no warped image
 
     def inverse_displacement(self, displacement: Tensor, velocity: Tensor | None = None) -> Tensor:
@@ -249,9 +265,11 @@ class StackedPairAdapter(nn.Module):
             raise ValueError(f"estimator must be a DisplacementEstimator, got {type(estimator).__name__}")
         self.estimator = estimator
 
-    def forward(self, image: Tensor, return_velocity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Displacement of the stacked pair; ``return_velocity`` also returns the integrated velocity (training)."""
-        return self.estimator.forward_stacked(image, return_velocity)
+    def forward(self, image: Tensor, return_velocity: bool = False,
+                return_training_loss: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Displacement of the stacked pair; ``return_velocity`` also returns the integrated velocity,
+        ``return_training_loss`` the estimator's own training loss (training only)."""
+        return self.estimator.forward_stacked(image, return_velocity, return_training_loss)
 
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script (and so `monai.bundle ckpt_export` without --use_trace) calls this hook first and
@@ -445,11 +463,12 @@ class ScriptableStackedVoxelMorph(nn.Module):
 ESTIMATORS: dict[str, str] = {
     "voxelmorph": "common.networks.registration:VoxelMorphEstimator",
     "transmorph": "common.networks.transmorph:TransMorph",
+    "diffusemorph": "common.networks.diffusemorph:DiffuseMorph",
 }
 
 
 def build_displacement_estimator(name: str, **kwargs) -> DisplacementEstimator:
-    """Build a displacement estimator by name (``"voxelmorph"`` or ``"transmorph"``) with its constructor kwargs."""
+    """Build a displacement estimator by name (a key of :data:`ESTIMATORS`) with its constructor kwargs."""
     key = str(name).lower()
     if key not in ESTIMATORS:
         raise ValueError(f"unknown displacement estimator {name!r}; known: {sorted(ESTIMATORS)}")

@@ -298,6 +298,13 @@ def prepare(cmd: DocCommand, tmp: Path) -> Prepared:
         files = [str(cwd / f) for f in _config_files(options["config_file"])] if "config_file" in options else []
         parser = ConfigParser(ConfigParser.load_config_files(files)) if files else None
         tiny = {k: v for k, v in tiny.items() if parser is not None and override_problem(parser, k) is None}
+        if "spatial_size" in tiny and parser is not None:  # a 3D command (three-entry spatial_size) stays 3D
+            from fire.parser import DefaultParseValue
+
+            size = DefaultParseValue(options["spatial_size"]) if "spatial_size" in options else parser.get(
+                "spatial_size")
+            if isinstance(size, (list, tuple)) and len(size) == 3:
+                tiny["spatial_size"] = [32, 32, 32]  # the smallest size the 4-level U-Nets train at
     return Prepared(cmd=cmd, bundle=bundle, cwd=cwd, options=options, tiny=tiny, dropped=dropped)
 
 
@@ -436,7 +443,9 @@ def small_defaults(tmp_path_factory) -> dict[str, str]:
             "ted": {"n_patients": 4, "image_size": (64, 72), "n_frames": 5},
             "acdc": {"n_patients": 4},
             "registration": {"n_pairs": 4},
+            "registration3d": {"n_pairs": 5, "shape": (24, 24, 20)},
             "mmwhs": {"n_ct": 4, "n_mr": 4, "ct_shape": (48, 48, 32), "mr_shape": (40, 40, 28)},
+            "abdomen": {"n_ct": 4, "n_mr": 4, "ct_shape": (48, 48, 20), "mr_shape": (48, 48, 14)},
             "tracking": {"n_videos": 4, "image_size": (96, 96), "n_frames": 24, "n_points": 10},
         }
         for kind, kwargs in small.items():

@@ -6,7 +6,8 @@ import importlib
 
 import fire
 
-BENCHMARKS = ("sinkhorn", "cost_volume", "cost_volume_window", "specknet", "botm", "lssc", "pacs")
+BENCHMARKS = ("sinkhorn", "cost_volume", "cost_volume_window", "specknet", "botm", "lssc", "lssc3d", "pacs",
+              "registration3d")
 
 
 def _runner(name: str):

@@ -108,8 +108,8 @@ def test_presets_follow_methods_md():
     p = adacs_preset("voxelmorph", "acdc")
     p["alpha"] = 99.0  # a copy: the table is not changed
     assert PRESETS[("voxelmorph", "acdc")]["alpha"] == 0.02
-    with pytest.raises(ValueError, match="no AdaCS preset.*diffusemorph"):
-        adacs_preset("diffusemorph", "acdc")
+    with pytest.raises(ValueError, match="no AdaCS preset.*diffusemorf"):
+        adacs_preset("diffusemorf", "acdc")
 
 
 def test_auxiliary_nets_and_phases():
