@@ -32,7 +32,7 @@ from monai.inferers import Inferer
 from common.data.loading import dicom_modality
 from common.transforms.slices import slice_axis_index, stacks_to_volume, volume_to_slice_stacks
 
-__all__ = ["IMAGE_SUFFIXES", "SliceStackInferer", "modality_datalist", "modality_from_name",
+__all__ = ["IMAGE_SUFFIXES", "SliceStackInferer", "modality_datalist", "modality_from_name", "predict_each_volume",
            "refuse_shared_output_names"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".dcm", ".dicom")
@@ -95,27 +95,39 @@ class SliceStackInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  modality: Any = None, **kwargs: Any) -> torch.Tensor:
-        if inputs.dim() != 5:
-            raise ValueError(f"SliceStackInferer expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}")
-        b = inputs.shape[0]
-        if modality is None or isinstance(modality, str):
-            per_item = [modality] * b
-        else:
-            per_item = list(modality.tolist() if isinstance(modality, torch.Tensor) else modality)
-            if len(per_item) != b:
-                raise ValueError(f"got {len(per_item)} modality values for a batch of {b} volumes")
-        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        preds = []
-        for i in range(b):
-            kw = dict(kwargs)
-            if per_item[i] is not None:
-                kw["modality"] = per_item[i]
-            preds.append(self._predict_volume(plain[i], network, args, kw))
-        out = torch.stack(preds, dim=0)
-        if isinstance(inputs, MetaTensor):
-            out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
-            out.is_batch = inputs.is_batch
-        return out
+        return predict_each_volume(inputs, modality, kwargs, lambda vol, kw: self._predict_volume(
+            vol[0], network, args, kw).unsqueeze(0), "SliceStackInferer")
+
+
+def predict_each_volume(inputs: torch.Tensor, modality: Any, kwargs: dict[str, Any],
+                        predict: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor], name: str) -> torch.Tensor:
+    """Run ``predict(volume (1, C, X, Y, Z), kwargs)`` on each volume of a batch with that volume's modality.
+
+    ``modality`` is one name for the batch, ``None``, or one value per volume (list or tensor); each volume's value
+    goes to ``predict`` as ``kwargs["modality"]``. The outputs are concatenated along the batch and keep the input's
+    MetaTensor metadata (the writer needs its affine). ``name`` is the inferer named in errors."""
+    if inputs.dim() != 5:
+        raise ValueError(f"{name} expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}")
+    b = inputs.shape[0]
+    if modality is None or isinstance(modality, str):
+        per_item = [modality] * b
+    else:
+        per_item = list(modality.tolist() if isinstance(modality, torch.Tensor) else modality)
+        if len(per_item) != b:
+            raise ValueError(f"got {len(per_item)} modality values for a batch of {b} volumes")
+    plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+    preds = []
+    for i in range(b):
+        kw = dict(kwargs)
+        if per_item[i] is not None:
+            kw["modality"] = per_item[i]
+        out = predict(plain[i : i + 1], kw)
+        preds.append(out.as_tensor() if isinstance(out, MetaTensor) else out)
+    out = torch.cat(preds, dim=0)
+    if isinstance(inputs, MetaTensor):
+        out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
+        out.is_batch = inputs.is_batch
+    return out
 
 
 def modality_from_name(path: str | Path, modalities: Sequence[str] = ("ct", "mr")) -> str | None:

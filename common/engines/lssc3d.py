@@ -23,13 +23,12 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import RandCropByPosNegLabeld
 from torch.utils.data import Dataset
 
 from common.data.slices import VolumeSliceDataset
-from common.engines.inference import SliceStackInferer
+from common.engines.inference import SliceStackInferer, predict_each_volume
 from common.networks.lssc3d import patch_shape
 
 __all__ = ["ModalitySlidingWindowInferer", "VolumePatchDataset", "lssc_inferer", "lssc_train_dataset"]
@@ -151,28 +150,9 @@ class ModalitySlidingWindowInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  modality: Any = None, **kwargs: Any) -> torch.Tensor:
-        if inputs.dim() != 5:
-            raise ValueError(f"ModalitySlidingWindowInferer expects (B, C, X, Y, Z) volumes, got {tuple(inputs.shape)}")
-        b = inputs.shape[0]
-        if modality is None or isinstance(modality, str):
-            per_item = [modality] * b
-        else:
-            per_item = list(modality.tolist() if isinstance(modality, torch.Tensor) else modality)
-            if len(per_item) != b:
-                raise ValueError(f"got {len(per_item)} modality values for a batch of {b} volumes")
-        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        preds = []
-        for i in range(b):
-            kw = dict(kwargs)
-            if per_item[i] is not None:
-                kw["modality"] = per_item[i]
-            out = self.sliding(plain[i : i + 1], network, *args, **kw)
-            preds.append(out.as_tensor() if isinstance(out, MetaTensor) else out)
-        out = torch.cat(preds, dim=0)
-        if isinstance(inputs, MetaTensor):
-            out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
-            out.is_batch = inputs.is_batch
-        return out
+        return predict_each_volume(inputs, modality, kwargs,
+                                   lambda vol, kw: self.sliding(vol, network, *args, **kw),
+                                   "ModalitySlidingWindowInferer")
 
 
 def lssc_train_dataset(spatial_dims: int, data: Sequence[Mapping[Hashable, Any]],
