@@ -57,7 +57,8 @@ import torch.nn as nn
 from monai.networks.blocks import PatchEmbed
 from torch import Tensor
 
-from common.networks.lssc import _NUM_STAGES, LSSCSwinUnet, _SwinStage
+from common.networks.lssc import LSSCSwinUnet
+from common.networks.lssc_blocks import _NUM_STAGES, _SwinStage
 
 __all__ = ["LSSCnnFormer", "patch_shape"]
 
