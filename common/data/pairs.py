@@ -33,8 +33,10 @@ supplementary's 60/19/20 3D echo cases). All seeded.
 
 Inference input (:func:`inference_pairs`, :class:`LoadInferencePaird`): one source/target pair of 2D images (NIfTI,
 MetaImage, DICOM or PNG) or a folder of pairs named ``<name>_source.<ext>`` / ``<name>_target.<ext>`` with an
-optional ``<name>_source_mask.<ext>`` (or ``_source_myo``) myocardium mask. Images are min-max normalised and resized
-to ``spatial_size`` for the network; the writer maps the displacement back onto the input grid.
+optional ``<name>_source_mask.<ext>`` (or ``_source_myo``) myocardium mask; for a 3D model also 3D volumes: an
+``<case>_ED`` / ``<case>_ES`` pair (optional ``<case>_ED_gt`` labels) or a folder of such case folders. Images
+are min-max normalised and resized to ``spatial_size`` for the network; the writer maps the displacement back onto
+the input grid.
 """
 
 from __future__ import annotations
@@ -295,24 +297,32 @@ def resize_2d(array: np.ndarray, size: Sequence[int], mask: bool = False) -> np.
 
 
 # ------------------------------------------------------------------------------------------------ readers
-def read_pair_image(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """Read one 2D image of a pair: ``(array float32, 4x4 RAS affine, spacing)``.
+def read_pair_image(path: str | Path, spatial_dims: int = 2) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Read one image of a pair: ``(array float32, 4x4 RAS affine, spacing)``.
 
     Every format (NIfTI, MetaImage, DICOM with rescale slope/intercept and its patient geometry, PNG/JPEG/TIFF as
-    grayscale) comes through :func:`common.data.io.read_image` in one index order ``(x, y)`` -- (W, H) -- with its
-    affine; a trailing singleton axis is dropped. Anything else than one 2D frame, or NaN/Inf pixels, raises
+    grayscale) comes through :func:`common.data.io.read_image` in one index order ``(x, y[, z])`` with its affine.
+    ``spatial_dims`` 2 (default): one 2D frame, a trailing singleton axis is dropped. ``spatial_dims`` 3: one 3D
+    volume with more than one slice (a 2D image cannot feed a 3D model). Anything else, or NaN/Inf pixels, raises
     ``DataError`` naming the file.
     """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     img = read_image(path)
     arr = np.asarray(img.array)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 2:
-        raise DataError(f"{path}: expected one 2D image, got an array of shape {tuple(arr.shape)} (register 3D "
-                        "volumes slice by slice, sequences frame by frame)")
+    if spatial_dims == 3:
+        if arr.ndim != 3 or min(arr.shape) < 2:
+            raise DataError(f"{path}: expected one 3D volume for a 3D model (three-entry spatial_size), got an array "
+                            f"of shape {tuple(arr.shape)} (register 2D images with a two-entry spatial_size)")
+    else:
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != 2:
+            raise DataError(f"{path}: expected one 2D image, got an array of shape {tuple(arr.shape)} (register 3D "
+                            "volumes with a three-entry spatial_size, sequences frame by frame)")
     arr = arr.astype(np.float32)
     check_finite(arr, path)
-    spacing = (float(img.spacing[0]), float(img.spacing[1]))
+    spacing = tuple(float(img.spacing[k]) for k in range(spatial_dims))
     return arr, np.asarray(img.affine, dtype=np.float64), spacing
 
 
@@ -451,6 +461,8 @@ class LoadRegistrationPaird(Transform):
 
 # --------------------------------------------------------------------------------------------- inference
 _SOURCE_RE = re.compile(r"^(?P<name>.+)_source(?P<ext>\.[A-Za-z.]+)$")
+# the 3D volume-pair layout's frame names: <case>_ED.<ext> (source), <case>_ES (target), <case>_ED_gt (source labels)
+_ED_RE = re.compile(r"^(?P<name>.+)_ED(?P<ext>\.[A-Za-z.]+)$")
 
 
 def _image_ext(name: str) -> str | None:
@@ -458,9 +470,10 @@ def _image_ext(name: str) -> str | None:
     return next((s for s in IMAGE_SUFFIXES if low.endswith(s)), None)
 
 
-def _sibling(source: Path, role: str) -> Path | None:
-    """``<name>_<role>.<any image ext>`` beside ``<name>_source.<ext>``, if there is one."""
-    m = _SOURCE_RE.match(source.name)
+def _sibling(source: Path, role: str, pattern: re.Pattern = _SOURCE_RE) -> Path | None:
+    """``<name>_<role>.<any image ext>`` beside ``<name>_source.<ext>`` (``pattern`` :data:`_ED_RE`:
+    ``<name>_ED.<ext>``), if there is one."""
+    m = pattern.match(source.name)
     if not m:
         return None
     for ext in (m["ext"], *IMAGE_SUFFIXES):
@@ -470,6 +483,26 @@ def _sibling(source: Path, role: str) -> Path | None:
     return None
 
 
+def _case_pairs(folder: Path, ledger: Any = None) -> list[dict]:
+    """Pairs of a folder of 3D volume-pair cases (``<case>/<case>_ED.<ext>``, ``_ES``, optional ``_ED_gt``)."""
+    out = []
+    for d in sorted(c for c in folder.iterdir() if c.is_dir()):
+        src = next((f for f in sorted(d.iterdir()) if f.name.startswith(f"{d.name}_ED.") and f.is_file()
+                    and _image_ext(f.name) is not None), None)
+        if src is None:
+            continue
+        tgt = _sibling(src, "ES", _ED_RE)
+        if tgt is None:
+            missing = f"{src}: no matching {d.name}_ES image beside it"
+            if ledger is None:
+                raise FileNotFoundError(missing)
+            ledger.fail(str(src), missing, "datalist")
+            continue
+        mask = _sibling(src, "ED_gt", _ED_RE)
+        out.append({"name": d.name, "source": str(src), "target": str(tgt), "source_mask": str(mask) if mask else ""})
+    return out
+
+
 def inference_pairs(input_path: str | Path, target_path: str | Path | None = None,
                     source_mask_path: str | Path | None = None, ledger: Any = None) -> list[dict]:
     """Pairs to register: ``[{name, source, target, source_mask}]`` (``source_mask`` is ``""`` when absent).
@@ -477,9 +510,12 @@ def inference_pairs(input_path: str | Path, target_path: str | Path | None = Non
     ``input_path`` is either a folder (or a folder holding ``pairs/``) of ``<name>_source.<ext>`` files with their
     ``<name>_target.<ext>`` (and optionally ``<name>_source_mask.<ext>`` or ``<name>_source_myo.<ext>``), or one
     source image; its target is ``target_path`` or the ``_target`` sibling of a ``*_source.*`` file, its mask
-    ``source_mask_path`` or the ``_source_mask``/``_source_myo`` sibling. Missing files raise errors naming them;
-    with ``ledger`` (a :class:`common.engines.screening.BatchLedger`) a folder's source without its target is
-    recorded there (stage ``datalist``) and left out instead.
+    ``source_mask_path`` or the ``_source_mask``/``_source_myo`` sibling. The 3D volume-pair layout is read too: a
+    folder without ``*_source.*`` files whose case folders hold ``<case>_ED.<ext>`` (source), ``<case>_ES.<ext>``
+    (target) and optionally ``<case>_ED_gt.<ext>`` (source labels), or one ``<case>_ED.<ext>`` file with those
+    siblings. Missing files raise errors naming them; with ``ledger`` (a
+    :class:`common.engines.screening.BatchLedger`) a folder's source without its target is recorded there (stage
+    ``datalist``) and left out instead.
     """
     p = Path(input_path)
     if not p.exists():
@@ -503,47 +539,68 @@ def inference_pairs(input_path: str | Path, target_path: str | Path | None = Non
             mask = _sibling(src, "source_mask") or _sibling(src, "source_myo")
             out.append({"name": m["name"], "source": str(src), "target": str(tgt),
                         "source_mask": str(mask) if mask else ""})
+        if not out and not any(_SOURCE_RE.match(f.name) for f in folder.iterdir()):
+            out = _case_pairs(p, ledger)
         if not out:
             raise DataError(f"{folder}: no image pairs found (expected <name>_source.<ext> and <name>_target.<ext>, "
-                            f"ext one of {', '.join(IMAGE_SUFFIXES)})")
+                            f"or case folders <case>/<case>_ED.<ext> and <case>_ES.<ext>; ext one of "
+                            f"{', '.join(IMAGE_SUFFIXES)})")
         return out
     if _image_ext(p.name) is None:
         raise DataError(f"{p}: unsupported image format (expected one of {', '.join(IMAGE_SUFFIXES)})")
-    tgt = Path(target_path) if target_path else _sibling(p, "target")
+    tgt = Path(target_path) if target_path else (_sibling(p, "target") or _sibling(p, "ES", _ED_RE))
     if tgt is None:
-        raise ValueError(f"{p}: give target_path (the image to register to), or name the pair *_source / *_target")
+        raise ValueError(f"{p}: give target_path (the image to register to), or name the pair *_source / *_target "
+                         "(or *_ED / *_ES)")
     if not tgt.is_file():
         raise FileNotFoundError(f"target image {tgt} not found")
-    mask = Path(source_mask_path) if source_mask_path else (_sibling(p, "source_mask") or _sibling(p, "source_myo"))
+    mask = Path(source_mask_path) if source_mask_path else (_sibling(p, "source_mask") or _sibling(p, "source_myo")
+                                                            or _sibling(p, "ED_gt", _ED_RE))
     if mask is not None and not mask.is_file():
         raise FileNotFoundError(f"source mask {mask} not found")
-    m = _SOURCE_RE.match(p.name)
+    m = _SOURCE_RE.match(p.name) or _ED_RE.match(p.name)
     ext = _image_ext(p.name) or ""
     name = m["name"] if m else p.name[: len(p.name) - len(ext)]
     return [{"name": name, "source": str(p), "target": str(tgt), "source_mask": str(mask) if mask else ""}]
 
 
 class LoadInferencePaird(Transform):
-    """Inference entry -> ``{image (2, h, w), name, source, target, source_mask}`` for the displacement network.
+    """Inference entry -> ``{image (2, h, w), name, source, target, source_mask}`` for the displacement network
+    (``(2, x, y, z)`` for a 3D model).
 
     Source and target are read with :func:`read_pair_image`, must have one shape, are min-max normalised and resized
-    to ``spatial_size`` (``None`` keeps the input size, which must then suit the network). The affine of the target
-    (the grid of every output) and the input shape go into ``image.meta``.
+    to ``spatial_size`` (:func:`resize_nd`; ``None`` keeps the input size, which must then suit the network) -- in
+    3D resized first and then normalised, exactly as :class:`LoadRegistrationPaird` prepares training and evaluation
+    volumes. The affine of the target (the grid of every output) and the input shape go into ``image.meta``.
+
+    Args:
+        spatial_size: network input size, two entries (2D) or three (3D: the inputs must be volumes).
+        spatial_dims: 2 or 3; default the length of ``spatial_size`` (2 when it is ``None``).
     """
 
-    def __init__(self, spatial_size: Sequence[int] | None = (128, 128)) -> None:
+    def __init__(self, spatial_size: Sequence[int] | None = (128, 128), spatial_dims: int | None = None) -> None:
         self.spatial_size = None if spatial_size is None else tuple(int(s) for s in spatial_size)
+        dims = spatial_dims if spatial_dims is not None else len(self.spatial_size or (0, 0))
+        if dims not in (2, 3) or (self.spatial_size is not None and len(self.spatial_size) != dims):
+            raise ValueError(f"spatial_size {spatial_size} and spatial_dims {spatial_dims} must agree on 2 or 3 dims")
+        self.spatial_dims = int(dims)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        src, _, _ = read_pair_image(d["source"])
-        tgt, affine, spacing = read_pair_image(d["target"])
+        src, _, _ = read_pair_image(d["source"], self.spatial_dims)
+        tgt, affine, spacing = read_pair_image(d["target"], self.spatial_dims)
         if src.shape != tgt.shape:
             raise DataError(f"{d['source']} has shape {src.shape} but {d['target']} has {tgt.shape}; a pair must "
                             "share one grid")
         size = self.spatial_size or src.shape
-        image = np.stack([resize_2d(min_max_normalise(src, d["source"]), size),
-                          resize_2d(min_max_normalise(tgt, d["target"]), size)])
+        if self.spatial_dims == 3:
+            # as LoadRegistrationPaird (training, evaluation): resize, then normalise, so the network sees the
+            # intensities it was trained on (a resize changes the min/max of speckle volumes)
+            image = np.stack([min_max_normalise(resize_nd(src, size), d["source"]),
+                              min_max_normalise(resize_nd(tgt, size), d["target"])])
+        else:  # 2D normalises first, as it always has (its outputs stay as they were)
+            image = np.stack([resize_nd(min_max_normalise(src, d["source"]), size),
+                              resize_nd(min_max_normalise(tgt, d["target"]), size)])
         meta = {"filename_or_obj": d["name"], "original_shape": np.asarray(src.shape),
                 "original_affine": affine, "spacing": np.asarray(spacing)}
         d["image"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), meta=meta)

@@ -38,8 +38,8 @@ the warped source myocardium against the target myocardium, % non-positive Jacob
 unregistered pair (``*_identity``) and HD/ASD in mm — and :class:`RegistrationMetric` hands one column to MONAI's
 ``IgniteMetricHandler``; :class:`RegistrationReport` writes ``per_pair.csv``, the paper's Table-1 summary for the
 metrics JSON and a PNG (source, target, warped source with contours, score map ``Ŝ``, deformed grid).
-:class:`RegistrationInferenceWriter` writes, per pair, the warped source, the displacement field and the warped
-source mask as NIfTI on the input grid.
+:class:`RegistrationInferenceWriter` writes, per pair (2D or 3D), the warped source, the displacement field, the warped
+source mask and optionally AdaCS's score map as NIfTI on the input grid.
 
 Presets (:func:`adacs_preset`): the authors' per-architecture/dataset hyper-parameters from ``METHODS.md`` for
 VoxelMorph, TransMorph and DiffuseMorph.
@@ -676,26 +676,60 @@ def displacement_on_grid(displacement: Tensor, shape: Sequence[int]) -> Tensor:
 
 
 class RegistrationInferenceWriter:
-    """Write each registered pair on the input grid: ``<name>_warped``, ``<name>_disp`` and ``<name>_warped_mask``.
+    """Write each registered pair on the input grid: ``<name>_warped``, ``<name>_disp``, ``<name>_warped_mask`` (and
+    ``<name>_score``).
 
-    The network's displacement (pixels of its ``h x w`` grid) is resampled onto the input ``H x W`` grid (bilinear,
-    ``align_corners=False`` like the input resize) and scaled by ``H / h``, ``W / w``; the original source image
-    (its own intensities) and, when given, its mask (one-hot linear warp) are warped with it. Files are NIfTI with
-    the target image's affine; the displacement is stored channel-last ``(H, W, 2)`` in voxels of the input grid,
-    channel ``k`` along array axis ``k``, pull-back ``warped(x) = source(x + disp(x))`` (the layout of the
-    repository's registration pairs). ``inference_summary.json`` lists the files and each pair's folding %.
+    The network's displacement (pixels of its ``h x w [x d]`` grid) is resampled onto the input ``H x W [x D]`` grid
+    (bi/trilinear, ``align_corners=False`` like the input resize) and scaled by ``H / h``, ``W / w`` [, ``D / d``]; the
+    original source image (its own intensities) and, when given, its mask or label map (one-hot linear warp, labels
+    kept) are warped with it. Files are NIfTI with the target image's affine; the displacement is stored
+    channel-last ``(H, W[, D], n)`` in voxels of the input grid, channel ``k`` along array axis ``k``, pull-back
+    ``warped(x) = source(x + disp(x))`` (the layout of the repository's registration pairs). 2D and 3D pairs alike
+    (the dimension is the displacement's). ``inference_summary.json`` lists the files and each pair's folding %.
+
+    With ``scoring_network`` (AdaCS's ``ScoringNet``) and a ``scoring_checkpoint`` holding its trained weights (the
+    ``auxiliary`` entry of the training checkpoint), ``<name>_score.nii.gz`` is the score map ``Ŝ = g(target)``
+    (float32 in [0, 1], low where correspondence is lost) resampled onto the input grid (bi/trilinear). A missing
+    or non-matching checkpoint only logs a warning: the score map is an extra, the registration does not need it.
 
     Args:
         output_dir: output folder (created).
         ledger: a :class:`common.engines.screening.BatchLedger`: a pair whose outputs cannot be written is recorded
             there (stage ``writing``) and the run goes on; written pairs are recorded with their files. Without it,
             a writing error stops the run.
+        scoring_network: the scoring net definition (``None``: no score map).
+        scoring_checkpoint: training checkpoint (``checkpoint.pt``) with the ``auxiliary`` weights.
     """
 
-    def __init__(self, output_dir: str, ledger: Any = None) -> None:
+    def __init__(self, output_dir: str, ledger: Any = None, scoring_network: nn.Module | None = None,
+                 scoring_checkpoint: str | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.ledger = ledger
         self.records: list[dict] = []
+        self.scoring_network = scoring_network
+        self.scoring_checkpoint = scoring_checkpoint
+        self._scoring: nn.Module | None | bool = False  # False: not loaded yet; None: no usable scoring net
+
+    def _scorer(self, logger: Any) -> nn.Module | None:
+        """The scoring net with its trained weights (loaded once), or None with one warning saying why."""
+        if self._scoring is not False:
+            return self._scoring
+        self._scoring = None
+        if self.scoring_network is None:
+            return None
+        path = Path(self.scoring_checkpoint) if self.scoring_checkpoint else None
+        if path is None or not path.is_file():
+            logger.warning(f"training checkpoint {path} not found: no score maps are written")
+            return None
+        net = unwrap(self.scoring_network)
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["auxiliary"])
+        except (KeyError, RuntimeError, TypeError) as e:  # e.g. a model trained without AdaCS has no scoring net
+            logger.warning(f"{path}: no scoring-net weights usable for the score map ({type(e).__name__}: {e}); "
+                           "no score maps are written")
+            return None
+        self._scoring = net.cpu().eval()
+        return self._scoring
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -712,9 +746,10 @@ class RegistrationInferenceWriter:
         outputs = outputs if isinstance(outputs, list) else [outputs]
         items = _batch_items(engine)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        scorer = self._scorer(engine.logger)
         for item, out in zip(items, outputs):
             try:
-                rec = self._write_pair(item, out)
+                rec = self._write_pair(item, out, scorer)
             except Exception as e:  # one pair's writing failure (e.g. a bad mask file) is its own
                 if self.ledger is None or self.ledger.strict:
                     raise
@@ -725,27 +760,31 @@ class RegistrationInferenceWriter:
                 self.ledger.succeed(str(item["source"]), {k: v for k, v in rec.items() if k != "source"})
             engine.logger.info(f"{rec['pair']}: wrote {rec['warped']}")
 
-    def _write_pair(self, item: dict, out: dict) -> dict:
-        """Write one pair's warped image, displacement (and warped mask); its summary record."""
+    def _write_pair(self, item: dict, out: dict, scorer: nn.Module | None = None) -> dict:
+        """Write one pair's warped image, displacement (warped mask, score map); its summary record."""
+        import torch.nn.functional as F
+
         from common.data.io import write_nifti
         from common.data.loading import write_like
         from common.data.pairs import read_pair_image
 
         source, target, mask_path = item["source"], item["target"], item.get("source_mask") or ""
-        src, _, _ = read_pair_image(source)
-        _, affine, _ = read_pair_image(target)
-        ddf = displacement_on_grid(_plain(out["pred"]), src.shape)
+        pred = _plain(out["pred"])
+        n = int(pred.shape[0])  # spatial dims of the model: its displacement has one channel per axis
+        src, _, _ = read_pair_image(source, n)
+        _, affine, _ = read_pair_image(target, n)
+        ddf = displacement_on_grid(pred, src.shape)
         warped = _warp_image(torch.from_numpy(src)[None, None], ddf)[0, 0].numpy()
         name = str(item["name"])
         rec = {"pair": name, "source": str(source), "target": str(target),
                # on the target's own grid: its shape and affine (a NIfTI target also passes on its header)
                "warped": str(write_like(self.output_dir / f"{name}_warped.nii.gz", warped, reference=target)),
                "displacement": str(write_nifti(self.output_dir / f"{name}_disp.nii.gz",
-                                               np.ascontiguousarray(ddf[0].permute(1, 2, 0).numpy()), affine)),
+                                               np.ascontiguousarray(ddf[0].movedim(0, -1).numpy()), affine)),
                "nonpositive_jacobian_percent": float(nonpositive_jacobian_percent(ddf)[0]),
                "mean_displacement_pixels": float(ddf.norm(dim=1).mean())}
         if mask_path:
-            mask, _, _ = read_pair_image(mask_path)
+            mask, _, _ = read_pair_image(mask_path, n)
             if mask.shape != src.shape:
                 raise DataError(f"{mask_path}: mask shape {mask.shape} differs from source {src.shape}")
             labels = torch.from_numpy(np.rint(mask).astype(np.int64))[None, None]
@@ -753,6 +792,12 @@ class RegistrationInferenceWriter:
                 raise DataError(f"{mask_path}: mask has negative labels")
             wm = warp_mask(labels, ddf)[0, 0].numpy().astype(np.uint8)
             rec["warped_mask"] = str(write_like(self.output_dir / f"{name}_warped_mask.nii.gz", wm, reference=target))
+        if scorer is not None:
+            with torch.no_grad():  # Ŝ = g(I_t) on the network grid (the normalised target), then onto the input grid
+                score = scorer(_plain(item["image"])[1:2][None].float().cpu())
+            score = F.interpolate(score, size=tuple(src.shape), mode="bilinear" if n == 2 else "trilinear",
+                                  align_corners=False)[0, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
+            rec["score_map"] = str(write_like(self.output_dir / f"{name}_score.nii.gz", score, reference=target))
         return rec
 
     def _completed(self, engine) -> None:
