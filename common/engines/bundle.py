@@ -18,7 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["RUN_ARGUMENTS", "check_overrides", "override_keys", "override_problem", "target_arguments"]
+__all__ = ["RUN_ARGUMENTS", "check_overrides", "end_distributed", "override_keys", "override_problem",
+           "target_arguments"]
 
 # the named arguments of `monai.bundle run` (and torchrun's re-invocation of it): not config overrides
 RUN_ARGUMENTS = frozenset(
@@ -150,3 +151,16 @@ def check_overrides(argv: Sequence[str] | None = None, allowed: Sequence[str] = 
             "nested ids are written with '#', e.g. --train#trainer#max_epochs 2."
         )
     return True
+
+
+def end_distributed() -> None:
+    """Leave the process group at the end of a multi-process run (the ``finalize`` of the ``multi_gpu_*`` configs).
+
+    Every rank first waits at a barrier: a rank that finishes early (no checkpoint to save) and destroys its gloo
+    group while rank 0 still talks to it can abort the process ("terminate called without an active exception"),
+    which fails the whole torchrun although the run itself completed. Does nothing outside a distributed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
