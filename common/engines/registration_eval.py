@@ -25,7 +25,8 @@ from monai.metrics import CumulativeIterationMetric
 from monai.transforms import Transform
 from torch import Tensor, nn
 
-from common.engines.registration import SCORE_COLUMNS, _batch_items, _plain, _warp_image, unwrap
+from common.engines.registration import SCORE_COLUMNS, unwrap
+from common.engines.registration_inference import _batch_items, _plain, _warp_image
 from common.metrics.registration import (
     MASK_BINARIZATIONS,
     mask_overlap_metrics,
@@ -121,7 +122,7 @@ def score_on_input_grid(item: dict, displacement: Tensor, mask_binarization: str
     from common.data.io import DataError, read_image, write_nifti
     from common.data.loading import write_like
     from common.data.pairs import MYO_LABELS
-    from common.engines.registration import displacement_on_grid
+    from common.engines.registration_inference import displacement_on_grid
 
     for key in ("source_label", "target_label"):
         if not item.get(key):
