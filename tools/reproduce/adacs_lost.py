@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.reproduce.result import ClaimResult, Comparison
+from tools.reproduce.result import ClaimResult, Comparison, size_config
 
 __all__ = ["AdacsSize", "SIZES", "ARMS", "TRAIN_DATA_SEED", "TEST_DATA_SEED", "make_data", "lost_pairs",
            "pair_values", "seeded_initialize", "arm_overrides", "run"]
@@ -184,9 +184,7 @@ def _train_and_score(cfg: AdacsSize, arm: str, seed: int, root: Path, train_dir:
 
 def run(size: str, seeds: int, work_dir: Path, device: str) -> ClaimResult:
     """Train both arms with ``seeds`` training seeds; compare warped-label Dice and AdaCS's score map, paired."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    cfg = SIZES[size]
+    cfg = size_config(SIZES, size)
     work_dir = Path(work_dir)
     t0 = time.perf_counter()
     train_dir, test_dir = make_data(cfg, work_dir / "data")

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.reproduce.result import ClaimResult, Comparison
+from tools.reproduce.result import ClaimResult, Comparison, size_config
 
 __all__ = ["BotmSize", "SIZES", "ARMS", "TRAIN_DATA_SEED", "TEST_DATA_SEED", "NOISE_SEVERITY", "NOISE_SEED",
            "make_data", "frame_values", "arm_overrides", "run"]
@@ -161,9 +161,7 @@ def _train_and_score(cfg: BotmSize, arm: str, seed: int, root: Path, train_dir: 
 
 def run(size: str, seeds: int, work_dir: Path, device: str) -> ClaimResult:
     """Train both arms with ``seeds`` training seeds, score the noisy test frames, compare Dice and HD paired."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    cfg = SIZES[size]
+    cfg = size_config(SIZES, size)
     work_dir = Path(work_dir)
     t0 = time.perf_counter()
     train_dir, test_dir = make_data(cfg, work_dir / "data")

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.reproduce.result import ClaimResult, Comparison
+from tools.reproduce.result import ClaimResult, Comparison, size_config
 
 __all__ = ["CLAIM", "TRAIN_DATA_SEED", "TEST_DATA_SEED", "TEST_FIRST_ID", "ClaimSize", "CLAIM_SIZES",
            "arm_overrides", "prepare_data", "labelled_volumes", "case_dice", "paired_case_values", "run"]
@@ -214,9 +214,7 @@ def _run_arm(arm: str, size: ClaimSize, seed: int, train_root: Path, test_root: 
 
 def run(size: str, seeds: int, work_dir: Path, device: str) -> ClaimResult:
     """Train both arms at ``seeds`` training seeds on the ``size`` data and compare them on the held-out MRI."""
-    if size not in CLAIM_SIZES:
-        raise ValueError(f"size must be one of {sorted(CLAIM_SIZES)}, got {size!r}")
-    cfg = CLAIM_SIZES[size]
+    cfg = size_config(CLAIM_SIZES, size)
     work_dir = Path(work_dir).resolve()
     t0 = time.perf_counter()
     train_root, test_root = prepare_data(cfg, work_dir / "data" / size)

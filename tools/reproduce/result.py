@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ALPHA", "PAIRED_TEST", "Comparison", "Criterion", "ClaimResult", "paired_p_value", "write_claim_report",
-           "SIZES"]
+           "SIZES", "size_config"]
 
 ALPHA = 0.05
 PAIRED_TEST = "Wilcoxon signed-rank, one-sided (method better than baseline), scipy.stats.wilcoxon"
 SIZES = ("smoke", "quick", "full")
+
+
+def size_config(configs: Mapping[str, Any], size: str) -> Any:
+    """A claim's configuration for ``size`` (smoke/quick/full); an unknown size is an error naming the choices."""
+    if size not in configs:
+        raise ValueError(f"size must be one of {sorted(configs)}, got {size!r}")
+    return configs[size]
 
 
 def paired_p_value(method: list[float], baseline: list[float], higher_is_better: bool) -> float:

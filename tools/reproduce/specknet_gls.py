@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.reproduce.result import ClaimResult, Comparison, Criterion
+from tools.reproduce.result import ClaimResult, Comparison, Criterion, size_config
 from tools.reproduce.specknet_runs import evaluate_tracker, train_specknet
 
 __all__ = ["GlsSize", "SIZES", "MAD_THRESHOLD", "TRAIN_DATA_SEED", "TEST_DATA_SEED", "make_data", "gls_errors",
@@ -140,9 +140,7 @@ def _overrides(cfg: GlsSize) -> dict[str, Any]:
 def run(size: str, seeds: int, work_dir: Path, device: str) -> ClaimResult:
     """Train SpeckNet with ``seeds`` training seeds, track the test videos with it and with NCC, and compare their
     GLS with the simulator's true GLS."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    cfg = SIZES[size]
+    cfg = size_config(SIZES, size)
     work_dir = Path(work_dir)
     t0 = time.perf_counter()
     train_dir, test_dir = make_data(cfg, work_dir / "data")

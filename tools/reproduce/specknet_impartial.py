@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data.tracking_views import VIEWS
-from tools.reproduce.result import ClaimResult, Comparison
+from tools.reproduce.result import ClaimResult, Comparison, size_config
 from tools.reproduce.specknet_runs import evaluate_tracker, train_specknet
 
 __all__ = ["ImpartialSize", "SIZES", "ARMS", "OOD_VIEWS", "TRAIN_DATA_SEED", "TEST_DATA_SEED", "make_data",
@@ -129,9 +129,7 @@ def _view_means(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
 def run(size: str, seeds: int, work_dir: Path, device: str) -> ClaimResult:
     """Train both arms with ``seeds`` training seeds, evaluate every held-out view, compare δ_avg and MTE paired over
     the held-out videos (their rotated and flipped views)."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    cfg = SIZES[size]
+    cfg = size_config(SIZES, size)
     work_dir = Path(work_dir)
     t0 = time.perf_counter()
     train_dir, views_dir = make_data(cfg, work_dir / "data")
